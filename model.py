@@ -1,0 +1,531 @@
+"""Everything that touches the network: load Qwen2-VL, build its inputs, sample groups, score them.
+
+Transformers supplies the network, the tokenizer and the image processor; generation and
+scoring are driven here, because GRPO needs two things `generate` does not do well:
+
+1. Group sampling. `generate(num_return_sequences=G)` copies each prompt G times BEFORE the
+   prefill, so the vision tower and the prompt run G times. `sample_groups` runs them once per
+   prompt, repeats the KV cache G times and decodes all B*G rows together.
+2. Shared-prefix scoring (the Prefix Grouper idea). The naive way to score G completions is G
+   full sequences `prompt + completion_g` with logits at every position. `completion_logprobs`
+   packs `prompt, completion_1, ..., completion_G` into ONE sequence whose attention mask lets
+   each completion see the prompt and itself only, computes logits at completion positions
+   only, and takes the log-softmax a chunk of rows at a time in fp32 (`token_logprobs`).
+
+Both paths are checked against Hugging Face's own `generate` and a naive full-sequence forward
+in tests/test_model.py, and timed against them in bench.py.
+
+Qwen2-VL pitfalls handled here (../shared/METHOD.md section 9): 3-D mRoPE positions are always
+passed explicitly (the model's hidden `rope_deltas` state is never relied on); vision and other
+special tokens are blocked while sampling (one sampled <|image_pad|> breaks the next forward);
+prompts are never truncated (the authors' trainer cut prompt ids but generated from uncut ones).
+
+`load_model("tiny")` builds a deterministic random-weight Qwen2-VL with an offline tokenizer
+that has the real special tokens and chat template, for tests and the CPU demo.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+# Qwen2-VL's special tokens, in the order (and so with the relative ids) the real tokenizer has.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+END_TOKEN = "<|im_end|>"  # end of turn: where every completion stops
+# The Qwen2-VL chat format, used for the tiny model and for any checkpoint that ships none.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- processor
+
+@dataclass
+class Processor:
+    """Tokenizer + image processor + the token ids the rest of the code needs.
+
+    Transformers' `Qwen2VLProcessor` needs torchvision, which CPU-only machines may lack; the
+    tokenizer and the (PIL) image processor are all we use, so we hold them directly.
+    """
+    tokenizer: object
+    image_processor: object
+    end_id: int          # <|im_end|>
+    pad_id: int          # fills padding; never attended to, never in a loss
+    image_pad_id: int    # <|image_pad|>, expanded to one token per merged 2x2 patch
+    blocked_ids: list[int]  # may never be sampled: every special token but the end, ids past the tokenizer
+    merge_size: int
+
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor, vocab_size: int) -> "Processor":
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHAT_TEMPLATE
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        special = set(ids.values()) | set(tokenizer.all_special_ids)
+        end_id = ids[END_TOKEN]
+        blocked = sorted(i for i in special if i != end_id) + list(range(len(tokenizer), vocab_size))
+        return cls(tokenizer, image_processor, end_id, ids["<|endoftext|>"], ids["<|image_pad|>"],
+                   blocked, image_processor.merge_size)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def build_tiny_tokenizer():
+    """A small byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat format.
+
+    Trained in milliseconds on a fixed corpus (the prompt wording and common class words), so it is
+    identical on every machine and needs no download. Ids differ from the real tokenizer's; no code
+    here hard-codes an id.
+    """
+    from tokenizers import pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    words = (
+        "What type of object texture aircraft is in the photo centered satellite actions person "
+        "performing Please choose one from list output thinking process and final answer tags "
+        "directly first then a brief reasoning identify whether this problem requires intermediate "
+        "or calculation If no inside Your should follow two cases think reason the image shows "
+        "red green blue yellow purple orange pink brown black white gray cyan circle square "
+        "triangle star cross diamond ring heart moon arrow pentagon hexagon ellipse bar dog cat car "
+        "flower food plane scene dotted striped"
+    ).split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    corpus += ["<think> </think> <answer> </answer> <reason> </reason> [ , ]. ?\n 0123456789"] * 8
+    tokenizer = Qwen2Tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer._tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(tokenizer):
+    """A Qwen2-VL of ~0.2 M parameters with the real architecture (mRoPE, 2x2 merge, tied embeddings)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[END_TOKEN],
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
+    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    # a wide init (0.2, not 0.02) so that random weights give input-dependent, varied greedy
+    # outputs: tests comparing against `generate` are then meaningful
+    text["initializer_range"] = vision["initializer_range"] = 0.2
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                         initializer_range=0.2,
+                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                         vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"])
+
+
+def _attn_implementation(device: torch.device):
+    """SDPA for the language model: the shared-prefix mask is a custom 4-D mask, which
+    FlashAttention-2 cannot take. The vision tower has no custom mask, so it uses
+    FlashAttention-2 when the package is installed on a GPU machine (untested here)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return {"text_config": "sdpa", "vision_config": "flash_attention_2"}
+    return "sdpa"
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Return (model, processor) for `tiny`, a hub id or a local directory.
+
+    bf16 on GPU, fp32 on CPU unless `dtype` says otherwise. The model is in eval mode.
+    >>> model, processor = load_model("tiny")
+    >>> type(model).__name__, model.dtype
+    ('Qwen2VLForConditionalGeneration', torch.float32)
+    """
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name == "tiny":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        tokenizer = build_tiny_tokenizer()
+        config = tiny_config(tokenizer)
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = Qwen2VLForConditionalGeneration(config)
+        model = model.to(device=device, dtype=dtype)
+        image_processor = Qwen2VLImageProcessorPil()
+    else:
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(
+                f"--model {name}: the directory has no config.json; expected a Hugging Face model "
+                "directory (config.json, *.safetensors, tokenizer files) as saved by this project, "
+                "or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                name, dtype=dtype, attn_implementation=_attn_implementation(device)).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            try:
+                image_processor = AutoImageProcessor.from_pretrained(name)
+            except ImportError:  # transformers 5.17 without torchvision has no PIL fallback;
+                # Qwen2-VL and Qwen2.5-VL share this image processor
+                image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise OSError(f"--model {name}: could not load a Qwen2-VL / Qwen2.5-VL model from it "
+                          f"(a hub id needs network access or a cached copy): {error}") from error
+    model.eval()
+    return model, Processor.from_parts(tokenizer, image_processor, model.config.text_config.vocab_size)
+
+
+def save_pretrained(model, processor: Processor, path: str) -> None:
+    """Write a complete Hugging Face directory: weights, config, tokenizer + chat template, image
+    processor config. `load_model(path)` and transformers' `from_pretrained` both read it."""
+    model.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class PromptBatch:
+    """B chat prompts (one image + one user text each), LEFT-padded so every prompt ends at the
+    same index: the last prompt token is column P-1 in every row."""
+    input_ids: torch.Tensor        # (B, P)
+    attention_mask: torch.Tensor   # (B, P) 1 on real tokens
+    position_ids: torch.Tensor     # (3, B, P) mRoPE (temporal, height, width)
+    mm_token_type_ids: torch.Tensor  # (B, P) 1 on image tokens (what transformers 5 wants)
+    pixel_values: torch.Tensor     # (patches, 1176) all images' patches, flattened
+    image_grid_thw: torch.Tensor   # (B, 3)
+    next_position: torch.Tensor    # (B,) position of the first completion token
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)  # (B,)
+
+
+def mrope_positions(input_ids: list[int], image_pad_id: int, grids: list[list[int]], merge_size: int):
+    """3-D rotary positions of one unpadded prompt, and the position that follows it.
+
+    Text tokens advance all three axes together; an image's tokens share the start position on
+    the temporal axis and take their (row, column) in the merged grid on the other two; the text
+    after an image resumes at start + max(rows, columns).
+    >>> ids = [7, 9, 9, 9, 9, 8]          # text, a 2x2 image (grid 1x4x4 before merging), text
+    >>> pos, nxt = mrope_positions(ids, 9, [[1, 4, 4]], 2)
+    >>> pos.tolist(), nxt
+    ([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]], 4)
+    """
+    columns, start, i, images = [], 0, 0, iter(grids)
+    while i < len(input_ids):
+        if input_ids[i] == image_pad_id:
+            t, h, w = next(images)
+            h, w = h // merge_size, w // merge_size
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w),
+                                              indexing="ij")).reshape(3, -1)  # (3, t*h*w)
+            columns.append(grid + start)
+            i, start = i + t * h * w, start + max(t, h, w)
+        else:
+            columns.append(torch.full((3, 1), start))
+            i, start = i + 1, start + 1
+    positions = torch.cat(columns, 1)  # (3, L)
+    return positions, int(positions.max()) + 1
+
+
+def chat_ids(processor: Processor, text: str) -> list[int]:
+    """Token ids of one user turn (image then text) plus the assistant header, image not expanded."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    chat = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+
+def build_prompts(processor: Processor, images: list, texts: list[str], device="cpu") -> PromptBatch:
+    """Tokenize B (image, user text) pairs with the chat template and left-pad them into a batch.
+
+    Each <|image_pad|> is expanded to one token per merged patch (a 384x384 image becomes 392x392
+    after the processor's resize to multiples of 28: 14x14 merged patches = 196 tokens).
+    Prompts are never truncated.
+    """
+    if len(images) != len(texts):
+        raise ValueError(f"build_prompts: {len(images)} images but {len(texts)} texts")
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    grids = vision["image_grid_thw"]  # (B, 3)
+    rows, positions, next_position = [], [], []
+    for text, grid in zip(texts, grids.tolist()):
+        ids = chat_ids(processor, text)
+        if ids.count(processor.image_pad_id) != 1:
+            raise ValueError("the chat template must place exactly one <|image_pad|> per prompt")
+        at = ids.index(processor.image_pad_id)
+        n_image = grid[0] * grid[1] * grid[2] // processor.merge_size ** 2
+        ids = ids[:at] + [processor.image_pad_id] * n_image + ids[at + 1:]
+        pos, nxt = mrope_positions(ids, processor.image_pad_id, [grid], processor.merge_size)
+        rows.append(ids), positions.append(pos), next_position.append(nxt)
+    B, P = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((B, P), processor.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P, dtype=torch.long)
+    position_ids = torch.ones(3, B, P, dtype=torch.long)
+    for b, (ids, pos) in enumerate(zip(rows, positions)):
+        input_ids[b, P - len(ids):] = torch.tensor(ids)
+        attention_mask[b, P - len(ids):] = 1
+        position_ids[:, b, P - len(ids):] = pos
+    return PromptBatch(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        mm_token_type_ids=(input_ids == processor.image_pad_id).long().to(device),
+        pixel_values=vision["pixel_values"].to(device), image_grid_thw=grids.to(device),
+        next_position=torch.tensor(next_position, device=device))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclass
+class Rollout:
+    """What group sampling returns: B*G completions, row b*G + g is sample g of prompt b."""
+    completion_ids: torch.Tensor   # (B*G, T) padded with pad_id after the end token
+    completion_mask: torch.Tensor  # (B*G, T) 1 up to and including the first end token
+    texts: list[str]               # decoded completions, without the end token
+
+
+def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor):
+    """Next token per row: greedy when temperature == 0, else inverse-CDF sampling of
+    softmax(logits / temperature) restricted to the top-p nucleus.
+
+    One uniform number in (0, 1] per row (from that row's own generator) decides the token, so a
+    row's sample does not depend on which other rows share the batch.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)  # (N,)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (N, V) fp32
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cdf = probs.cumsum(-1)  # (N, V)
+    target = (uniform * cdf[:, -1]).unsqueeze(-1)  # (N, 1), > 0 so zero-probability tokens lose
+    index = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)  # (N, 1)
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)  # (N,)
+
+
+def _row_uniforms(seeds, group_size: int, steps: int, device) -> torch.Tensor:
+    """(B*G, steps) uniforms in (0, 1]: row b*G + g draws from a generator seeded with seeds[b]."""
+    rows = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(seed))
+        rows.append(1.0 - torch.rand(group_size, steps, generator=generator, dtype=torch.float64))
+    return torch.cat(rows).float().to(device)
+
+
+@torch.no_grad()
+def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size: int = 1,
+                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                  seeds: list[int] | None = None) -> Rollout:
+    """Sample `group_size` completions for each of the B prompts.
+
+    The vision tower and the prompt prefill run once per prompt; the KV cache is then repeated
+    G times and all B*G rows decode together until each has produced the end-of-turn token or
+    `max_new_tokens` tokens. Blocked tokens (vision and other specials) get zero probability.
+    `temperature=0` is greedy decoding. `seeds` (one per prompt) make each group's random stream
+    independent of the batch it shares; without them the global torch RNG is used.
+    """
+    from transformers import DynamicCache
+
+    B, G = prompts.input_ids.shape[0], group_size
+    device = prompts.input_ids.device
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    uniforms = _row_uniforms(seeds, G, max_new_tokens, device)  # (BG, T)
+    blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
+                image_grid_thw=prompts.image_grid_thw, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    cache.batch_repeat_interleave(G)  # the prompt's keys/values, shared by its G samples
+    logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # (BG, V)
+    attention_mask = prompts.attention_mask.repeat_interleave(G, 0)  # (BG, P)
+    next_position = prompts.next_position.repeat_interleave(G)  # (BG,)
+
+    tokens, finished = [], torch.zeros(B * G, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits[:, blocked] = float("-inf")
+        token = _pick_tokens(logits, temperature, top_p, uniforms[:, step])  # (BG,)
+        token = token.masked_fill(finished, processor.pad_id)
+        tokens.append(token)
+        finished |= token == processor.end_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B * G, 1)], 1)
+        position = (next_position + step).view(1, B * G, 1).expand(3, B * G, 1)  # (3, BG, 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()  # (BG, V)
+
+    completion_ids = torch.stack(tokens, 1)  # (BG, T)
+    return Rollout(completion_ids, completion_mask(completion_ids, processor.end_id),
+                   decode_completions(processor, completion_ids))
+
+
+def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
+    """1 on every token up to and including the first end token, 0 after it (by position, never
+    by comparing with a pad id, which may equal the end id).
+    >>> completion_mask(torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8]]), end_id=2).tolist()
+    [[1, 1, 0, 0], [1, 1, 1, 1]]
+    """
+    is_end = (completion_ids == end_id).long()
+    ends_before = is_end.cumsum(1) - is_end  # (N, T) end tokens strictly before each position
+    return (ends_before == 0).long()
+
+
+def decode_completions(processor: Processor, completion_ids: torch.Tensor) -> list[str]:
+    """Decoded text of each row up to (not including) its first end token."""
+    texts = []
+    for row in completion_ids.tolist():
+        if processor.end_id in row:
+            row = row[:row.index(processor.end_id)]
+        texts.append(processor.tokenizer.decode(row, skip_special_tokens=False))
+    return texts
+
+
+# ----------------------------------------------------------------------------- scoring
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, a chunk of rows at a time.
+
+    Only (chunk, V) logits exist at once, in forward AND backward (recomputed there), instead of
+    the (N, V) logits, their fp32 copy and the softmax that autograd would otherwise keep.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+        logprobs = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)  # (N,)
+        lse = torch.empty_like(logprobs)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[s:s + chunk_size] @ weight.T).to(dtype)  # (n, V)
+            lse[s:s + chunk_size] = logits.logsumexp(-1)
+            logprobs[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
+        logprobs -= lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h, g = hidden[s:s + ctx.chunk_size], grad_logprobs[s:s + ctx.chunk_size]
+            probs = ((h @ weight.T).to(lse.dtype) - lse[s:s + ctx.chunk_size, None]).exp_()  # (n, V)
+            # d logp[target] / d logits = onehot(target) - softmax
+            grad_logits = probs.mul_(-g[:, None])
+            grad_logits[torch.arange(len(h), device=h.device), targets[s:s + ctx.chunk_size]] += g
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk_size] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).to(lse.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   max_chunk_elements: int = 1 << 25) -> torch.Tensor:
+    """(N,) log-probabilities (fp32, or fp64 for fp64 inputs) of `targets` (N,) under logits
+    hidden (N, H) @ weight (V, H).T.
+
+    At most `max_chunk_elements` logits (128 MB in fp32 by default) exist at any time.
+    """
+    chunk_size = max(1, max_chunk_elements // weight.shape[0])
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk_size)
+
+
+def shared_prefix_mask(prompt_mask: torch.Tensor, group_size: int, completion_len: int):
+    """(B, 1, L, L) boolean attention mask for `prompt, completion_1, ..., completion_G` rows.
+
+    Prompt tokens attend causally to real prompt tokens; completion g attends to the whole prompt
+    and causally to itself, never to another completion. Padding attends only to itself (a row
+    with nothing to attend to would make NaNs).
+    >>> m = shared_prefix_mask(torch.tensor([[0, 1]]), group_size=2, completion_len=2)
+    >>> m[0, 0].int().tolist()   # columns: pad, prompt, c1 c1, c2 c2
+    [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 1, 0, 0, 1, 1]]
+    """
+    B, P = prompt_mask.shape
+    L = P + group_size * completion_len
+    device = prompt_mask.device
+    # segment: 0 for the prompt, g + 1 for completion g; -1 for padding
+    segment = torch.arange(group_size, device=device).repeat_interleave(completion_len) + 1
+    segment = torch.cat([torch.where(prompt_mask.bool(), 0, -1),
+                         segment.expand(B, -1)], 1)  # (B, L)
+    index = torch.arange(L, device=device)
+    causal = index[:, None] >= index[None, :]  # (L, L)
+    query, key = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
+    visible = causal & (key >= 0) & ((key == 0) | (key == query)) & (query >= 0)
+    return (visible | torch.eye(L, dtype=torch.bool, device=device)).unsqueeze(1)  # (B, 1, L, L)
+
+
+def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """(B*G, T) fp32 log-probabilities of each completion token given its prompt and the tokens
+    before it, from ONE forward over `prompt, completion_1, ..., completion_G` per prompt.
+
+    Positions after a completion's end token are scored too (harmless padding): multiply by the
+    completion mask. Gradients reach every parameter, the vision tower included.
+    """
+    B, P = prompts.input_ids.shape
+    G, T = group_size, completion_ids.shape[1]
+    device = completion_ids.device
+    steps = torch.arange(T, device=device)
+    completion_positions = (prompts.next_position[:, None] + steps).repeat(1, G)  # (B, G*T)
+    input_ids = torch.cat([prompts.input_ids, completion_ids.view(B, G * T)], 1)  # (B, L)
+    position_ids = torch.cat([prompts.position_ids,
+                              completion_positions.unsqueeze(0).expand(3, -1, -1)], 2)  # (3, B, L)
+    mask = shared_prefix_mask(prompts.attention_mask, G, T)  # (B, 1, L, L)
+    if model.config.text_config._attn_implementation == "eager":  # eager adds the mask to scores
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill_(
+            ~mask, torch.finfo(model.dtype).min)
+    hidden = model.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                         use_cache=False).last_hidden_state  # (B, L, H)
+    # token t of completion g is predicted by token t-1 of completion g, or for t = 0 by the
+    # last prompt token, which all G completions share
+    source = P + torch.arange(G, device=device)[:, None] * T + steps - 1  # (G, T)
+    source[:, 0] = P - 1
+    hidden = hidden[:, source.flatten()].reshape(B * G * T, -1)  # (BGT, H)
+    logprobs = token_logprobs(hidden, model.lm_head.weight, completion_ids.flatten())
+    return logprobs.view(B * G, T)
+
+
+class GroupScorer(nn.Module):
+    """`completion_logprobs` as a module, so one DDP-wrapped forward covers the whole scoring
+    (vision tower, shared-prefix forward, chunked log-softmax) and DDP syncs every gradient."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompts: PromptBatch, completion_ids: torch.Tensor, group_size: int):
+        return completion_logprobs(self.model, prompts, completion_ids, group_size)
