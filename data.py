@@ -1,0 +1,535 @@
+"""Data for CLS-RL: CoOp-layout datasets on disk -> (image path, question, candidates, label).
+
+Every training and evaluation script gets its examples from `load_data` and the text the
+model reads from `make_question`; `load_image` gives the pixels. Look at what a run will
+see (one JSON object per example, plus a one-line summary):
+
+    python data.py --dataset demo --shots 4 --dump out/demo_train.jsonl
+    python data.py --dataset oxford_pets --data-root ~/data --setting base --split test \
+        --method no-think --dump out/pets_base_test.jsonl
+
+The layout is CoOp's, so a data root prepared for CoOp / CoCoOp / MaPLe works as it is:
+
+    <root>/imagenet/classnames.txt                      "<wnid> <class name>" per line
+    <root>/imagenet/images/{train,val}/<wnid>/*.JPEG    val is the test set
+    <root>/fgvc_aircraft/variants.txt                   one class name per line
+    <root>/fgvc_aircraft/images_variant_{train,val,test}.txt   "<image id> <variant>" per line
+    <root>/fgvc_aircraft/images/<image id>.jpg
+    <root>/oxford_pets/split_zhou_OxfordPets.json       {"train": [[path, label, name], ...],
+    <root>/oxford_pets/images/<path>                      "val": [...], "test": [...]}
+    ... the seven other split-file datasets alike: folders in SPLIT_FILE_LAYOUT below
+    <root>/demo/                                        generated shapes, laid out like oxford_pets
+
+`--dataset demo` needs no download: 10 classes of coloured shapes, drawn on first use.
+
+Where this departs from the paper's code, and why:
+- ImageNet images inside a class folder are sorted; Dassl lists them in file-system order,
+  which differs between machines and would change the few-shot choice.
+- Base-to-new with shots samples over all classes, then keeps the base or new half, the
+  order CoOp's datasets use, so a seed picks the same files in every setting.
+- The candidate list is drawn from a generator seeded with (seed, dataset, setting, split,
+  example, epoch) instead of a process-global one, so every rank and every rerun agrees.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageDraw
+
+DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+            "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+SETTINGS = ("fewshot", "base", "new")
+SPLITS = ("train", "test")
+
+# dataset -> (its folder under the data root, the image folder inside it, the split file)
+SPLIT_FILE_LAYOUT = {
+    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": ("food-101", "images", "split_zhou_Food101.json"),
+    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json"),
+    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json"),
+    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    "demo": ("demo", "images", "split_demo.json"),
+}
+
+PROMPT_SUFFIX = {  # appended to the question, as the authors trained (METHOD.md section 3)
+    "cls-rl": "\n Please output the thinking process in <think> </think> and final answer in "
+              "<answer> </answer> tags.",
+    "no-think": "\n Please directly output the answer.",
+    "think-after-answer": " Please first output the answer in <answer> </answer> tags and then "
+                          "output a brief reasoning process in <reason> </reason> tags.",
+    "adaptive": " Please first identify whether this problem requires intermediate thinking or "
+                "calculation. If the problem requires thinking or calculation, output the thinking "
+                "and calculation process inside <think> </think> tags and the final answer inside "
+                "<answer> </answer> tags. If no thinking or calculation is required, directly output "
+                "the final answer inside <answer> </answer> tags. Your output should follow one of "
+                "two cases: (1) '<answer> ... </answer>', (2) '<think> ... </think> <answer> ... "
+                "</answer>'.",
+}
+
+_OBJECT = "What type of object is in the photo?"
+QUESTIONS = {name: _OBJECT for name in DATASETS + ("demo",)}  # the authors' data notebook
+QUESTIONS.update({
+    "eurosat": "What type of object is in the centered satellite photo?",
+    "ucf101": "What actions is the person performing in the photo?",
+    "dtd": "What type of texture is in the photo?",
+    "fgvc_aircraft": "What type of aircraft is in the photo?",
+})
+
+# Open-set questions name what kind of answer is wanted, since no list says it. Only the
+# flowers wording is the paper's; the others are ours, written the same way.
+OPEN_SET_QUESTIONS = {
+    "imagenet": _OBJECT,
+    "caltech101": _OBJECT,
+    "oxford_pets": "What breed of pet is in the photo?",
+    "stanford_cars": "What make and model of car is in the photo?",
+    "oxford_flowers": "What type of flower is in the photo?",
+    "food101": "What type of food is in the photo?",
+    "fgvc_aircraft": "What type of aircraft is in the photo?",
+    "sun397": "What type of scene is in the photo?",
+    "dtd": "What type of texture is in the photo?",
+    "eurosat": "What type of land cover is in the centered satellite photo?",
+    "ucf101": "What action is the person performing in the photo?",
+    "demo": "What coloured shape is in the photo?",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    image: str      # absolute path
+    label: int      # index into the classnames of the subset in use
+    classname: str  # underscores turned into spaces
+
+
+@dataclass
+class ClassificationData:
+    dataset: str
+    setting: str           # "fewshot" | "base" | "new"
+    split: str             # "train" | "test"
+    classnames: list[str]  # label -> name, for this subset
+    examples: list[Example]
+
+
+class ImageError(OSError):
+    """An image file that cannot be opened or decoded."""
+
+
+def _check_choice(flag: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {flag} {value!r}; expected one of: {', '.join(valid)}")
+
+
+def _layout(dataset: str, root: str) -> str:
+    """The files a dataset needs, for error messages."""
+    if dataset == "imagenet":
+        d = os.path.join(root, "imagenet")
+        parts = [f"{d}/images/train/<wnid>/", f"{d}/images/val/<wnid>/", f"{d}/classnames.txt"]
+    elif dataset == "fgvc_aircraft":
+        d = os.path.join(root, "fgvc_aircraft")
+        parts = [f"{d}/images/", f"{d}/variants.txt", f"{d}/images_variant_{{train,val,test}}.txt"]
+    else:
+        folder, images, split_file = SPLIT_FILE_LAYOUT[dataset]
+        parts = [os.path.join(root, folder, images, ""), os.path.join(root, folder, split_file)]
+    return "expected the CoOp layout: " + ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _require(path: str, dataset: str, root: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; {_layout(dataset, root)}")
+
+
+# Each reader returns (dataset folder, raw class names by label, [(path in folder, label)]).
+def _read_split_file(root: str, dataset: str, split: str):
+    folder, image_folder, split_name = SPLIT_FILE_LAYOUT[dataset]
+    dataset_dir = os.path.join(root, folder)
+    split_path = os.path.join(dataset_dir, split_name)
+    _require(split_path, dataset, root)
+    _require(os.path.join(dataset_dir, image_folder), dataset, root)
+    expected = 'expected {"train": [[image_path, label, classname], ...], "val": [...], "test": [...]}'
+    try:
+        with open(split_path) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{split_path} is not valid JSON ({err}); {expected}") from None
+    if not isinstance(content, dict) or split not in content:
+        raise ValueError(f"{split_path} has no {split!r} list; {expected}")
+    names = {}
+    for part in ("train", "val", "test"):  # every part, so a class absent from one still gets its name
+        for entry in content.get(part, []):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+                raise ValueError(f"{split_path}: bad {part} item {entry!r}; {expected}")
+            if names.setdefault(entry[1], entry[2]) != entry[2]:
+                raise ValueError(f"{split_path}: label {entry[1]} is called both "
+                                 f"{names[entry[1]]!r} and {entry[2]!r}")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{split_path}: labels must be 0..C-1 without gaps, got {sorted(names)[:10]}")
+    items = [(os.path.join(image_folder, path), label) for path, label, _ in content[split]]
+    return dataset_dir, [names[label] for label in range(len(names))], items
+
+
+def _subfolders(path: str) -> list[str]:
+    names = [d for d in os.listdir(path) if not d.startswith(".")]
+    return sorted(d for d in names if os.path.isdir(os.path.join(path, d)))
+
+
+def _read_imagenet(root: str, split: str):
+    dataset_dir = os.path.join(root, "imagenet")
+    names_path = os.path.join(dataset_dir, "classnames.txt")
+    train_dir = os.path.join(dataset_dir, "images", "train")
+    split_folder = "train" if split == "train" else "val"  # CoOp tests on the val set
+    for path in (names_path, train_dir, os.path.join(dataset_dir, "images", split_folder)):
+        _require(path, "imagenet", root)
+    name_of = {}
+    with open(names_path) as f:
+        for line in f:
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                name_of[wnid] = name.strip()
+    # Labels follow the sorted train folders, as in CoOp, whatever order the names file has.
+    wnids = _subfolders(train_dir)
+    if not wnids:
+        raise FileNotFoundError(f"{train_dir} holds no class folders; {_layout('imagenet', root)}")
+    unnamed = [w for w in wnids if w not in name_of]
+    if unnamed:
+        raise ValueError(f"class folders of {train_dir} without a name in {names_path}: "
+                         f"{unnamed[:5]} ({len(unnamed)} in all); expected a line '<wnid> <name>' each")
+    label_of = {wnid: label for label, wnid in enumerate(wnids)}
+    items = []
+    for wnid in _subfolders(os.path.join(dataset_dir, "images", split_folder)):
+        if wnid not in label_of:
+            raise ValueError(f"{dataset_dir}/images/{split_folder}/{wnid} is not a class of {train_dir}")
+        class_dir = os.path.join("images", split_folder, wnid)
+        files = [f for f in os.listdir(os.path.join(dataset_dir, class_dir)) if not f.startswith(".")]
+        files.sort()  # file-system order differs between machines
+        items += [(os.path.join(class_dir, f), label_of[wnid]) for f in files]
+    return dataset_dir, [name_of[w] for w in wnids], items
+
+
+def _read_fgvc_aircraft(root: str, split: str):
+    dataset_dir = os.path.join(root, "fgvc_aircraft")
+    variants_path = os.path.join(dataset_dir, "variants.txt")
+    list_path = os.path.join(dataset_dir, f"images_variant_{split}.txt")
+    for path in (os.path.join(dataset_dir, "images"), variants_path, list_path):
+        _require(path, "fgvc_aircraft", root)
+    with open(variants_path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    label_of = {name: label for label, name in enumerate(names)}
+    items = []
+    with open(list_path) as f:
+        for line_number, line in enumerate(f, 1):
+            image_id, _, variant = line.strip().partition(" ")  # variants hold spaces and '/'
+            if not image_id:
+                continue
+            if variant.strip() not in label_of:
+                raise ValueError(f"{list_path} line {line_number}: variant {variant.strip()!r} "
+                                 f"is not a line of {variants_path}")
+            items.append((os.path.join("images", image_id + ".jpg"), label_of[variant.strip()]))
+    return dataset_dir, names, items
+
+
+def _sample_fewshot(items: list, shots: int, seed: int) -> list:
+    """Dassl's few-shot rule: per label, in order of first appearance, `shots` items drawn
+    by one generator (all of them when a label has fewer)."""
+    by_label = {}  # dicts keep insertion order: the first-appearance order of the labels
+    for item in items:
+        by_label.setdefault(item[1], []).append(item)
+    rng = random.Random(seed)
+    chosen = []
+    for group in by_label.values():
+        chosen += rng.sample(group, shots) if len(group) >= shots else group
+    return chosen
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader (another rank) never
+    sees half a file."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_file: str | None) -> list:
+    """The few-shot training items: read back from `fewshot_file` when it exists, else
+    sampled (and saved there when a file is named). The file holds the choice over ALL
+    classes, so one file serves the fewshot, base and new settings."""
+    if fewshot_file is None or not os.path.exists(fewshot_file):
+        chosen = _sample_fewshot(items, shots, seed)
+        if fewshot_file is not None:
+            _write_json_atomic(fewshot_file, {"dataset": dataset, "shots": shots, "seed": seed,
+                                              "images": [path for path, _ in chosen]})
+        return chosen
+    try:
+        with open(fewshot_file) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"few-shot file {fewshot_file} is not valid JSON ({err})") from None
+    wanted = {"dataset": dataset, "shots": shots, "seed": seed}
+    found = {key: saved.get(key) for key in wanted}
+    if found != wanted:
+        raise ValueError(f"few-shot file {fewshot_file} holds the choice for {found}, but this run "
+                         f"asks for {wanted}; pass another file or delete it to sample again")
+    label_of = dict(items)
+    foreign = [path for path in saved.get("images", []) if path not in label_of]
+    if foreign:
+        raise ValueError(f"few-shot file {fewshot_file}: {len(foreign)} images are not in the train "
+                         f"split of {dataset}, e.g. {foreign[:3]}")
+    return [(path, label_of[path]) for path in saved["images"]]
+
+
+def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", split: str = "train",
+              shots: int | None = None, seed: int = 1,
+              fewshot_file: str | None = None) -> ClassificationData:
+    """Examples of one dataset, setting and split.
+
+    split "train" keeps `shots` images per class (all when shots is None, sampled with
+    `seed`, saved to / read from `fewshot_file` when given); split "test" is always the whole
+    test split, and shots / fewshot_file are ignored there. Setting "base" keeps the first
+    ceil(C/2) labels, "new" the rest, relabelled from 0.
+    """
+    _check_choice("dataset", dataset, DATASETS + ("demo",))
+    _check_choice("setting", setting, SETTINGS)
+    _check_choice("split", split, SPLITS)
+    if shots is not None and shots < 1:
+        raise ValueError(f"shots must be at least 1 (or None for every training image), got {shots}")
+    if dataset == "demo":
+        root = str(demo_root(data_root).parent)
+    elif data_root is None:
+        raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); "
+                         f"{_layout(dataset, '<root>')}")
+    else:
+        root = os.path.abspath(os.path.expanduser(data_root))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data root {root} does not exist; {_layout(dataset, root)}")
+
+    if dataset == "imagenet":
+        dataset_dir, names, items = _read_imagenet(root, split)
+    elif dataset == "fgvc_aircraft":
+        dataset_dir, names, items = _read_fgvc_aircraft(root, split)
+    else:
+        dataset_dir, names, items = _read_split_file(root, dataset, split)
+    if split == "train" and shots is not None:
+        items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
+
+    names = [name.replace("_", " ") for name in names]
+    first, end = {"fewshot": (0, len(names)), "base": (0, math.ceil(len(names) / 2)),
+                  "new": (math.ceil(len(names) / 2), len(names))}[setting]
+    examples = [Example(os.path.join(dataset_dir, path), label - first, names[label])
+                for path, label in items if first <= label < end]
+    # One report of every missing file now beats a crash per file in the middle of training.
+    missing = [e.image for e in examples if not os.path.isfile(e.image)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(examples)} images of the {dataset} {split} "
+                                f"split do not exist, e.g. {missing[:3]}; {_layout(dataset, root)}")
+    return ClassificationData(dataset, setting, split, names[first:end], examples)
+
+
+def num_candidates(num_classes: int, setting: str) -> int:
+    """How many class names the question lists (METHOD.md section 2).
+
+    >>> [num_candidates(c, "fewshot") for c in (10, 47, 100, 196, 1000)]
+    [10, 47, 40, 78, 100]
+    >>> [num_candidates(c, "base") for c in (24, 50, 98, 500)]
+    [24, 40, 78, 100]
+    """
+    _check_choice("setting", setting, SETTINGS)
+    count = int((0.4 if setting == "fewshot" else 0.8) * num_classes)
+    if count < 30:  # a short list costs few tokens: show every class
+        count = num_classes
+    return min(count, 100)
+
+
+def make_question(data: ClassificationData, index: int, method: str, seed: int, epoch: int = 0,
+                  open_set: bool = False) -> tuple[str, list[str]]:
+    """The user text for example `index` and its candidate names, in the order listed.
+
+    The list is a fresh draw per (seed, example, epoch), seeded by a string so every process
+    draws the same one (hash() of a string differs between processes). The true class is
+    always listed: when the draw missed it, it takes the place of a drawn name.
+    """
+    _check_choice("method", method, tuple(PROMPT_SUFFIX))
+    if not 0 <= index < len(data.examples):
+        raise IndexError(f"example index {index} out of range: {data.dataset} {data.split} has "
+                         f"{len(data.examples)} examples")
+    if open_set:
+        return OPEN_SET_QUESTIONS[data.dataset] + PROMPT_SUFFIX[method], []
+    rng = random.Random(f"{seed}:{data.dataset}:{data.setting}:{data.split}:{index}:{epoch}")
+    count = num_candidates(len(data.classnames), data.setting)
+    labels = rng.sample(range(len(data.classnames)), count)  # labels, not names: names can repeat
+    truth = data.examples[index].label
+    if truth not in labels:
+        labels[rng.randrange(count)] = truth
+    rng.shuffle(labels)
+    candidates = [data.classnames[label] for label in labels]
+    text = (QUESTIONS[data.dataset] + "\nPlease choose one from list [ " + ", ".join(candidates)
+            + "]." + PROMPT_SUFFIX[method])
+    return text, candidates
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """RGB image resized to (size, size) with LANCZOS, as the authors fed Qwen2-VL."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")  # decodes now, so a truncated file fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot read image {path}: {err}") from err
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+# The demo set: each class differs in colour AND shape, so even a tiny model can learn it.
+DEMO_CLASSES = ("red circle", "blue square", "green triangle", "yellow star", "purple diamond",
+                "orange cross", "cyan hexagon", "pink pentagon", "white ring", "black arrow")
+DEMO_SPLIT_SIZES = {"train": 16, "val": 8, "test": 10}  # images per class
+_COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50),
+            "yellow": (240, 220, 30), "purple": (140, 40, 170), "orange": (250, 140, 20),
+            "cyan": (30, 210, 220), "pink": (250, 120, 190), "white": (250, 250, 250),
+            "black": (15, 15, 15)}
+
+
+def _regular(corners: int, radii=(1.0,)) -> list[tuple[float, float]]:
+    angles = [2 * math.pi * i / corners - math.pi / 2 for i in range(corners)]  # first corner up
+    return [(radii[i % len(radii)] * math.cos(a), radii[i % len(radii)] * math.sin(a))
+            for i, a in enumerate(angles)]
+
+
+# Outlines in units of the shape's radius, centred on (0, 0); circle and ring are ellipses.
+_OUTLINES = {
+    "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
+    "triangle": _regular(3),
+    "star": _regular(10, radii=(1.0, 0.4)),
+    "diamond": [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)],
+    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1),
+              (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "hexagon": _regular(6),
+    "pentagon": _regular(5),
+    "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)],
+}
+
+
+def _draw_demo_image(rng: random.Random, classname: str) -> Image.Image:
+    colour, shape = classname.split()
+    grey = rng.randint(100, 150)
+    image = Image.new("RGB", (64, 64), (grey, grey, grey))
+    noise = Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3)).point(lambda v: v // 8)
+    image = ImageChops.add(image, noise)  # mild noise, so no two images are identical
+    fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in _COLOURS[colour])
+    radius = rng.randint(11, 18)
+    cx, cy = rng.randint(radius + 2, 61 - radius), rng.randint(radius + 2, 61 - radius)
+    draw = ImageDraw.Draw(image)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=4)
+    else:
+        draw.polygon([(cx + radius * x, cy + radius * y) for x, y in _OUTLINES[shape]], fill=fill)
+    return image
+
+
+def _generate_demo(folder: Path) -> None:
+    rng = random.Random(0)  # fixed: the demo is the same, file for file, on every machine
+    split = {part: [] for part in DEMO_SPLIT_SIZES}
+    for label, classname in enumerate(DEMO_CLASSES):
+        class_folder = classname.replace(" ", "_")  # CoOp-style names: underscores on disk
+        (folder / "images" / class_folder).mkdir(parents=True)
+        number = 0
+        for part, count in DEMO_SPLIT_SIZES.items():
+            for _ in range(count):
+                path = f"{class_folder}/{number}.png"
+                _draw_demo_image(rng, classname).save(folder / "images" / path)
+                split[part].append([path, label, class_folder])
+                number += 1
+    (folder / "split_demo.json").write_text(json.dumps(split, indent=1))
+
+
+def demo_root(data_root: str | None = None) -> Path:
+    """The demo set's folder, drawn on first use: <data_root>/demo, else $CLS_RL_CACHE/demo,
+    else ~/.cache/cls-rl/demo.
+
+    It is drawn into a temporary folder beside its place and renamed into place, so ranks
+    that start together never see half a data set; a rank that loses the race uses the
+    winner's copy, which is identical.
+    """
+    if data_root is not None:
+        parent = Path(data_root).expanduser()
+    elif os.environ.get("CLS_RL_CACHE"):
+        parent = Path(os.environ["CLS_RL_CACHE"]).expanduser()
+    else:
+        parent = Path.home() / ".cache" / "cls-rl"
+    root = parent.absolute() / "demo"
+    if (root / "split_demo.json").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    try:
+        _generate_demo(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "split_demo.json").exists():
+                raise FileExistsError(f"{root} exists but holds no split_demo.json (an interrupted "
+                                      f"copy?); delete it and the demo set is drawn again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Show the questions a CLS-RL run sees: one JSON "
+                                     "object per example, and a summary.")
+    parser.add_argument("--dataset", default="demo", choices=DATASETS + ("demo",),
+                        help="dataset name; 'demo' is drawn on first use and needs no download")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding the CoOp layout (top of data.py); optional for demo")
+    parser.add_argument("--setting", default="fewshot", choices=SETTINGS,
+                        help="fewshot: all classes; base/new: first/second half of the labels")
+    parser.add_argument("--split", default="train", choices=SPLITS, help="train or test split")
+    parser.add_argument("--shots", type=int, default=4,
+                        help="training images per class (paper: 4); 0 keeps them all; test ignores it")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the few-shot choice and of the candidate lists")
+    parser.add_argument("--fewshot-file", default=None,
+                        help="JSON file holding the few-shot choice: read if it exists, else written")
+    parser.add_argument("--method", default="no-think", choices=tuple(PROMPT_SUFFIX),
+                        help="which training prompt suffix ends the question")
+    parser.add_argument("--open-set", action="store_true", help="ask without a candidate list")
+    parser.add_argument("--epoch", type=int, default=0, help="epoch whose candidate lists to draw")
+    parser.add_argument("--dump", default=None, help="write the examples here as JSON lines")
+    args = parser.parse_args(argv)
+    try:
+        data = load_data(args.dataset, args.data_root, args.setting, args.split,
+                         shots=args.shots or None, seed=args.seed, fewshot_file=args.fewshot_file)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"data.py: error: {err}\n")
+    rows = []
+    for index, example in enumerate(data.examples):
+        question, candidates = make_question(data, index, args.method, args.seed, args.epoch,
+                                             args.open_set)
+        rows.append({"index": index, "image": example.image, "label": example.classname,
+                     "label_index": example.label, "candidates": candidates, "question": question})
+    if args.dump:
+        os.makedirs(os.path.dirname(os.path.abspath(args.dump)), exist_ok=True)
+        with open(args.dump, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    listed = 0 if args.open_set else num_candidates(len(data.classnames), data.setting)
+    print(f"{data.dataset} {data.setting}/{data.split}: {len(data.classnames)} classes, "
+          f"{len(data.examples)} examples, {listed} candidates per question"
+          + (f"; wrote {args.dump}" if args.dump else ""))
+    if rows and not args.dump:
+        print(f"first question:\n{rows[0]['question']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
