@@ -295,6 +295,21 @@ def build_prompts(processor: Processor, images: list, texts: list[str], device="
         next_position=torch.tensor(next_position, device=device))
 
 
+def slice_prompts(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
+    """Rows start:end of a prompt batch (their images' patches included), with the left padding
+    that no remaining row needs removed. Lets one batch built for sampling feed micro-steps."""
+    patches = prompts.image_grid_thw.prod(1)  # (B,) patches per image, stored row after row
+    first, last = int(patches[:start].sum()), int(patches[:end].sum())
+    keep = int(prompts.attention_mask[start:end].sum(1).max())
+    return PromptBatch(
+        input_ids=prompts.input_ids[start:end, -keep:],
+        attention_mask=prompts.attention_mask[start:end, -keep:],
+        position_ids=prompts.position_ids[:, start:end, -keep:],
+        mm_token_type_ids=prompts.mm_token_type_ids[start:end, -keep:],
+        pixel_values=prompts.pixel_values[first:last], image_grid_thw=prompts.image_grid_thw[start:end],
+        next_position=prompts.next_position[start:end])
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @dataclass
