@@ -16,6 +16,24 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import model as M  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """One generated demo dataset for the whole session (subprocesses inherit the variable)."""
+    os.environ["CLS_RL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def warm_tiny(tmp_path_factory, demo_cache):
+    """A tiny model fine-tuned on the demo set (SFT, ~3 s): unlike the random one it answers
+    with class names, so GRPO groups get different rewards and training really moves weights."""
+    import train_sft
+    out = tmp_path_factory.mktemp("warm")
+    train_sft.main(["--model", "tiny", "--dataset", "demo", "--image-size", "56", "--shots", "4",
+                    "--device", "cpu", "--lr", "3e-3", "--lr-schedule", "constant", "--max-steps", "50",
+                    "--batch-size", "4", "--grad-accum", "1", "--output-dir", str(out)])
+    return str(out / "checkpoint-000050")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of the deterministic tiny Qwen2-VL, fp32 on CPU, eval mode.
