@@ -353,14 +353,15 @@ def _row_uniforms(seeds, group_size: int, steps: int, device) -> torch.Tensor:
 @torch.no_grad()
 def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size: int = 1,
                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                  seeds: list[int] | None = None) -> Rollout:
+                  seeds: list[int] | None = None, min_new_tokens: int = 0) -> Rollout:
     """Sample `group_size` completions for each of the B prompts.
 
     The vision tower and the prompt prefill run once per prompt; the KV cache is then repeated
     G times and all B*G rows decode together until each has produced the end-of-turn token or
     `max_new_tokens` tokens. Blocked tokens (vision and other specials) get zero probability.
     `temperature=0` is greedy decoding. `seeds` (one per prompt) make each group's random stream
-    independent of the batch it shares; without them the global torch RNG is used.
+    independent of the batch it shares; without them the global torch RNG is used. The end
+    token is blocked for the first `min_new_tokens` steps (bench.py forces fixed lengths so).
     """
     from transformers import DynamicCache
 
@@ -384,6 +385,8 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     tokens, finished = [], torch.zeros(B * G, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits[:, blocked] = float("-inf")
+        if step < min_new_tokens:
+            logits[:, processor.end_id] = float("-inf")
         token = _pick_tokens(logits, temperature, top_p, uniforms[:, step])  # (BG,)
         token = token.masked_fill(finished, processor.pad_id)
         tokens.append(token)
@@ -449,8 +452,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_weight = None  # (V, H), accumulated in fp32 (fp64 for fp64 inputs) over chunks
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             h, g = hidden[s:s + ctx.chunk_size], grad_logprobs[s:s + ctx.chunk_size]
             probs = ((h @ weight.T).to(lse.dtype) - lse[s:s + ctx.chunk_size, None]).exp_()  # (n, V)
@@ -460,8 +462,9 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[s:s + ctx.chunk_size] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h).to(lse.dtype)
+            if ctx.needs_input_grad[1]:
+                chunk_grad = (grad_logits.T @ h).to(lse.dtype)  # a no-op cast for fp32
+                grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None

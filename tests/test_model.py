@@ -173,6 +173,20 @@ def test_masks_and_texts_stop_at_the_first_end_token(tiny, images, texts):
     assert 0 < ended < 3  # both cases happen in this batch
 
 
+def test_min_new_tokens_equals_generate(tiny, images, texts):
+    model, processor = tiny
+    batch = M.build_prompts(processor, images, texts)
+    ours = M.sample_groups(model, processor, batch, 1, 10, temperature=0, min_new_tokens=10)
+    reference = model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+        mm_token_type_ids=batch.mm_token_type_ids, do_sample=False, max_new_tokens=10,
+        min_new_tokens=10, suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
+        pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
+    assert torch.equal(ours.completion_ids, reference)
+    assert ours.completion_mask.all()  # no row may stop early
+
+
 def test_top_p_near_zero_is_greedy(tiny, images, texts):
     model, processor = tiny
     batch = M.build_prompts(processor, images, texts)

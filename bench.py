@@ -1,0 +1,356 @@
+"""Time one GRPO step, our path against the naive path the authors' trainer ran, in ONE process.
+
+    python bench.py --preset cpu                                   # ~2 min on 2 cores
+    python bench.py --preset 2b                                    # one GPU: real-size Qwen2-VL-2B
+    python bench.py --preset 2b --device cpu --layers 2 --vision-layers 2 --configs 4x8  # CPU proof
+
+Both paths use the same model, weights (random, built from a config: no download) and prompts,
+and produce completions of the same forced length, so the ratio is the cost of the method:
+- naive: each prompt and image copied G times, then `generate` (vision tower and prefill run G
+  times; what `generate(num_return_sequences=G)` did in the authors' transformers), then
+  full-sequence forwards over prompt + completion with logits at every position, for the
+  reference model and for the policy (with backward);
+- ours: model.sample_groups (vision and prefill once per prompt, KV cache repeated G times)
+  and model.completion_logprobs (one shared-prefix forward, logits at completion positions).
+Each step: rollout of all groups in one batch, then per group (the authors' batch 1 per GPU)
+reference and policy forward+backward, then AdamW with lr 0 (full work, weights unchanged so
+both paths see the same model). Prompts are synthetic token ids of the stated lengths: the
+compute depends on the lengths, not on which tokens they are.
+
+Reported per configuration: seconds per prompt group for each phase, tokens per second, peak
+memory, on GPU the model FLOPs utilisation (6·N·tokens for the policy pass, 2·N·tokens for
+forward passes, N all parameters, vision tower included, tokens the positions each path runs
+through the language model) against the device's bf16 peak, the naive / ours ratio, and the
+projected time of the paper's ImageNet run (40,000 prompt groups, No-Thinking) on one device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+import model as M
+import train_grpo as T
+
+# Qwen2-VL's real token ids (METHOD.md section 9) and vocabulary.
+IM_START, IM_END, PAD, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151643, 151652, 151653, 151655
+VOCAB = 151936
+
+PRESETS = {
+    # a scaled-down Qwen2-VL (~48 M parameters, 39 M of them the real-size vocabulary), with a
+    # prompt that is mostly image and candidate list, like the real one
+    "cpu": dict(text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12]),
+                vision=dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
+                image=224, text_tokens=220, groups=2, configs=["4x8", "8x8", "4x128", "8x128"],
+                device="cpu", dtype="float32", repeats=2),
+    # Qwen2-VL-2B (METHOD.md section 9); 384x384 images (196 tokens) and an ImageNet-style
+    # question listing 100 class names (~540 text tokens, our estimate for Qwen's tokenizer)
+    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24]),
+               vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+               image=384, text_tokens=540, groups=4, configs=["4x8", "8x8", "4x256", "8x256"],
+               device="cuda", dtype="bfloat16", repeats=3),
+}
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
+IMAGENET_GROUPS = 40_000  # 1,000 classes x 4 shots x 10 epochs
+
+
+def build_models(preset: dict, layers, vision_layers, device, dtype):
+    """Policy and frozen reference with the same random weights, and a Processor for our path."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(preset["text"])
+    section = text.pop("mrope_section")
+    text.update(vocab_size=VOCAB, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                   "mrope_section": section},
+                max_position_embeddings=32768, tie_word_embeddings=True,
+                bos_token_id=PAD, eos_token_id=IM_END, pad_token_id=PAD)
+    vision = dict(preset["vision"], hidden_size=text["hidden_size"], patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    if layers:
+        text["num_hidden_layers"] = layers
+    if vision_layers:
+        vision["depth"] = vision_layers
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                           image_token_id=IMAGE_PAD, vision_start_token_id=VISION_START,
+                           vision_end_token_id=VISION_END, video_token_id=151656)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        policy = Qwen2VLForConditionalGeneration(config).to(dtype)
+        reference = Qwen2VLForConditionalGeneration(config).to(dtype)
+    reference.load_state_dict(policy.state_dict())
+    reference.requires_grad_(False).eval()
+    blocked = [i for i in range(PAD, VOCAB) if i != IM_END]  # specials and unused ids
+    processor = M.Processor(tokenizer=_NoText(), image_processor=None, end_id=IM_END, pad_id=PAD,
+                            image_pad_id=IMAGE_PAD, blocked_ids=blocked, merge_size=2)
+    return policy, reference, processor
+
+
+class _NoText:
+    """Stands in for the tokenizer: the benchmark's token ids are synthetic, nothing to read."""
+    def decode(self, ids, **kwargs):
+        return ""
+
+
+def make_prompts(preset: dict, groups: int, device, dtype) -> M.PromptBatch:
+    """`groups` chat prompts: system turn, image, question text, assistant header (lengths differ
+    by a few tokens, so left padding is exercised). Pixels are random: cost does not depend on them."""
+    g = torch.Generator().manual_seed(0)
+    side = preset["image"] // 28 * 28 + (28 if preset["image"] % 28 else 0)  # processor's resize
+    grid = [1, side // 14, side // 14]
+    n_image = grid[1] * grid[2] // 4
+    rows, positions, nexts = [], [], []
+    for b in range(groups):
+        text = torch.randint(0, PAD, (preset["text_tokens"] + 3 * b,), generator=g).tolist()
+        ids = ([IM_START] + text[:20] + [IM_END, IM_START] + [VISION_START] + [IMAGE_PAD] * n_image
+               + [VISION_END] + text[20:] + [IM_END, IM_START, 77091, 198])
+        pos, nxt = M.mrope_positions(ids, IMAGE_PAD, [grid], 2)
+        rows.append(ids), positions.append(pos), nexts.append(nxt)
+    P = max(map(len, rows))
+    input_ids = torch.full((groups, P), PAD)
+    attention_mask = torch.zeros(groups, P, dtype=torch.long)
+    position_ids = torch.ones(3, groups, P, dtype=torch.long)
+    for b, (ids, pos) in enumerate(zip(rows, positions)):
+        input_ids[b, P - len(ids):], attention_mask[b, P - len(ids):] = torch.tensor(ids), 1
+        position_ids[:, b, P - len(ids):] = pos
+    patches = groups * grid[1] * grid[2]
+    return M.PromptBatch(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device), mm_token_type_ids=(input_ids == IMAGE_PAD).long().to(device),
+        pixel_values=torch.randn(patches, 1176, generator=g).to(device, dtype),
+        image_grid_thw=torch.tensor([grid] * groups, device=device),
+        next_position=torch.tensor(nexts, device=device))
+
+
+# ----------------------------------------------------------------------------- the naive path
+
+def repeat_prompts(prompts: M.PromptBatch, G: int) -> M.PromptBatch:
+    """Each prompt and its image G times over: what the naive trainer feeds its model."""
+    per_image = prompts.image_grid_thw.prod(1).tolist()
+    pixels = torch.cat([p for p in prompts.pixel_values.split(per_image) for _ in range(G)])
+    return M.PromptBatch(prompts.input_ids.repeat_interleave(G, 0),
+                         prompts.attention_mask.repeat_interleave(G, 0),
+                         prompts.position_ids.repeat_interleave(G, 1),
+                         prompts.mm_token_type_ids.repeat_interleave(G, 0), pixels,
+                         prompts.image_grid_thw.repeat_interleave(G, 0),
+                         prompts.next_position.repeat_interleave(G))
+
+
+def naive_rollout(model, processor, prompts: M.PromptBatch, G: int, length: int):
+    repeated = repeat_prompts(prompts, G)
+    out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
+                         pixel_values=repeated.pixel_values, image_grid_thw=repeated.image_grid_thw,
+                         mm_token_type_ids=repeated.mm_token_type_ids, do_sample=True,
+                         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
+                         min_new_tokens=length, suppress_tokens=processor.blocked_ids,
+                         eos_token_id=processor.end_id, pad_token_id=processor.pad_id)
+    return out[:, repeated.input_ids.shape[1]:]  # (BG, T)
+
+
+def naive_logprobs(model, prompts: M.PromptBatch, completion_ids, G: int):
+    """Full sequences prompt + completion, G per prompt, logits at every position; the log-softmax
+    one sequence at a time (as the authors' trainer did, to bound memory)."""
+    repeated = repeat_prompts(prompts, G)
+    ids = torch.cat([repeated.input_ids, completion_ids], 1)  # (G, P + T)
+    mask = torch.cat([repeated.attention_mask, torch.ones_like(completion_ids)], 1)
+    mm = torch.cat([repeated.mm_token_type_ids, torch.zeros_like(completion_ids)], 1)
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=repeated.pixel_values,
+                   image_grid_thw=repeated.image_grid_thw, mm_token_type_ids=mm).logits  # (G, L, V)
+    logits = logits[:, repeated.input_ids.shape[1] - 1:-1]  # positions predicting the completion
+    return torch.stack([row.float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+                        for row, t in zip(logits, completion_ids)])  # (G, T)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+@dataclass
+class Phases:
+    rollout: float = 0.0
+    reference: float = 0.0
+    policy: float = 0.0
+    optimizer: float = 0.0
+    peak_gb: float = 0.0
+
+    @property
+    def total(self):
+        return self.rollout + self.reference + self.policy + self.optimizer
+
+
+class PeakMemory:
+    """Peak memory during a block: the CUDA allocator's peak on GPU, sampled RSS on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._running = device, 0, False
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._running = True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self._running:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._running = False
+            self._thread.join()
+
+    @property
+    def gb(self):
+        return self.peak / 2**30
+
+
+def clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length, device) -> Phases:
+    """One GRPO step over all prompt groups of `prompts`, phase by phase, on `path`."""
+    B = prompts.input_ids.shape[0]
+    phases = Phases()
+    with PeakMemory(device) as memory:
+        t0 = clock(device)
+        with torch.no_grad():
+            policy.eval()
+            if path == "naive":
+                completions = naive_rollout(policy, processor, prompts, G, length)
+            else:
+                seeds = list(range(B))
+                completions = M.sample_groups(policy, processor, prompts, G, length, 1.0,
+                                              seeds=seeds, min_new_tokens=length).completion_ids
+        assert completions.shape == (B * G, length), completions.shape
+        t1 = clock(device)
+        groups = [(M.slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
+        score = naive_logprobs if path == "naive" else M.completion_logprobs
+        with torch.no_grad():
+            ref = [score(reference, p, c, G) for p, c in groups]
+        t2 = clock(device)
+        policy.train()
+        advantages = torch.randn(B, G, generator=torch.Generator().manual_seed(1)).to(device)
+        for (p, c), ref_logprobs, adv in zip(groups, ref, advantages):
+            logprobs = score(policy, p, c, G)
+            loss, _ = T.grpo_loss(logprobs, logprobs.detach(), ref_logprobs, adv,
+                                  torch.ones_like(c), beta=0.04, epsilon=0.2,
+                                  loss_norm="sequence", normaliser=B * G)
+            loss.backward()
+        t3 = clock(device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = clock(device)
+    phases.rollout, phases.reference, phases.policy, phases.optimizer = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+    phases.peak_gb = memory.gb
+    return phases
+
+
+def median_phases(runs: list[Phases]) -> Phases:
+    return Phases(*(statistics.median(getattr(r, k) for r in runs)
+                    for k in ("rollout", "reference", "policy", "optimizer", "peak_gb")))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model size and prompt shape")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated GxT (samples per prompt x forced completion tokens); "
+                             "default: the preset's")
+    parser.add_argument("--groups", type=int, default=None, help="prompt groups per rollout batch")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per path and configuration")
+    parser.add_argument("--layers", type=int, default=None, help="override the language model's depth")
+    parser.add_argument("--vision-layers", type=int, default=None, help="override the vision tower's depth")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    parser.add_argument("--json", default=None, help="also write the results here, one record per configuration")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device or preset["device"])
+    dtype = getattr(torch, preset["dtype"])
+    groups = args.groups or preset["groups"]
+    repeats = args.repeats or preset["repeats"]
+    configs = [tuple(map(int, c.split("x"))) for c in (args.configs or ",".join(preset["configs"])).split(",")]
+
+    policy, reference, processor = build_models(preset, args.layers, args.vision_layers, device, dtype)
+    n_params = sum(p.numel() for p in policy.parameters())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0, fused=device.type == "cuda")
+    prompts = make_prompts(preset, groups, device, dtype)
+    P = int(prompts.attention_mask.sum(1).float().mean())
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if device.type == "cuda" else None
+    import transformers
+    print(f"bench: preset {args.preset}, {n_params / 1e6:.1f} M parameters "
+          f"({policy.config.text_config.num_hidden_layers} text / {policy.config.vision_config.depth} "
+          f"vision layers), {dtype}, {name}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; {groups} prompt groups of ~{P} tokens per step")
+    header = (f"{'config':<16}{'path':<7}{'rollout':>9}{'reference':>11}{'policy':>9}{'optim':>8}"
+              f"{'total':>9}  {'tokens/s':>9}{'peak GB':>9}" + ("  MFU roll/ref/policy" if peak else ""))
+    print("seconds per prompt group\n" + header)
+    records = []
+    for path in ("naive", "ours"):  # warm-up: first-call allocations, kernel selection
+        grpo_step(path, policy, reference, processor, optimizer, prompts, 2, 4, device)
+    for G, length in configs:
+        label = f"G={G} T={length}"
+        result = {}
+        for path in ("naive", "ours"):
+            result[path] = median_phases([grpo_step(path, policy, reference, processor, optimizer,
+                                                    prompts, G, length, device) for _ in range(repeats)])
+        # token positions each path runs through the language model, per prompt group
+        positions = {"naive": dict(rollout=G * (P + length), reference=G * (P + length)),
+                     "ours": dict(rollout=P + G * length, reference=P + G * length)}
+        record = dict(preset=args.preset, config=label, G=G, completion_tokens=length,
+                      groups=groups, prompt_tokens=P, parameters=n_params, device=name,
+                      dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__)
+        for path in ("naive", "ours"):
+            ph = result[path]
+            per = {k: getattr(ph, k) / groups for k in ("rollout", "reference", "policy", "optimizer", "total")}
+            useful_tokens = G * (P + length)  # the same work unit for both paths
+            row = dict(**{f"{k}_s": v for k, v in per.items()}, peak_gb=ph.peak_gb,
+                       tokens_per_s=useful_tokens / per["total"])
+            if peak:
+                pos = positions[path]
+                row["mfu_rollout"] = 2 * n_params * pos["rollout"] / per["rollout"] / peak
+                row["mfu_reference"] = 2 * n_params * pos["reference"] / per["reference"] / peak
+                row["mfu_policy"] = 6 * n_params * pos["reference"] / per["policy"] / peak
+            record[path] = row
+            mfu = (f"  {row['mfu_rollout']:.0%}/{row['mfu_reference']:.0%}/{row['mfu_policy']:.0%}"
+                   if peak else "")
+            print(f"{label if path == 'naive' else '':<16}{path:<7}{per['rollout']:>9.3f}{per['reference']:>11.3f}"
+                  f"{per['policy']:>9.3f}{per['optimizer']:>8.3f}{per['total']:>9.3f}  "
+                  f"{row['tokens_per_s']:>9.0f}{row['peak_gb']:>9.2f}{mfu}")
+        ratio = {k: record["naive"][f"{k}_s"] / record["ours"][f"{k}_s"]
+                 for k in ("rollout", "reference", "policy", "optimizer", "total")}
+        record["ratio"] = ratio
+        print(f"{'':<16}{'ratio':<7}{ratio['rollout']:>8.1f}x{ratio['reference']:>10.1f}x"
+              f"{ratio['policy']:>8.1f}x{ratio['optimizer']:>7.1f}x{ratio['total']:>8.1f}x")
+        if length <= 8:  # the No-Thinking shape: project the paper's ImageNet run on one device
+            for path in ("naive", "ours"):
+                record[path]["imagenet_minutes"] = IMAGENET_GROUPS * record[path]["total_s"] / 60
+            print(f"{'':<16}projected ImageNet run (40,000 groups, one {name.split(',')[0]}): "
+                  f"naive {record['naive']['imagenet_minutes']:.0f} min, ours {record['ours']['imagenet_minutes']:.0f} min")
+        records.append(record)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""bench.py compares equal computations, and runs end to end (timings are never asserted)."""
+import json
+
+import pytest
+import torch
+
+import bench
+import model as M
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The CPU preset cut to one layer each, with its real 151,936-token vocabulary."""
+    preset = bench.PRESETS["cpu"]
+    policy, reference, processor = bench.build_models(preset, 1, 1, torch.device("cpu"), torch.float32)
+    prompts = bench.make_prompts(preset, 2, "cpu", torch.float32)
+    return preset, policy, reference, processor, prompts
+
+
+def test_naive_and_shared_prefix_paths_give_the_same_logprobs(small):
+    _, policy, _, processor, prompts = small
+    G = 3
+    completions = M.sample_groups(policy, processor, prompts, G, 5, 1.0, seeds=[0, 1],
+                                  min_new_tokens=5).completion_ids
+    assert completions.shape == (6, 5)
+    assert not torch.isin(completions, torch.tensor(processor.blocked_ids)).any()
+    with torch.no_grad():
+        for b in range(2):
+            one = M.slice_prompts(prompts, b, b + 1)
+            ours = M.completion_logprobs(policy, one, completions[b * G:(b + 1) * G], G)
+            naive = bench.naive_logprobs(policy, one, completions[b * G:(b + 1) * G], G)
+            torch.testing.assert_close(ours, naive, rtol=0, atol=1e-4)
+
+
+def test_naive_rollout_repeats_each_prompt_and_image(small):
+    _, policy, _, processor, prompts = small
+    repeated = bench.repeat_prompts(prompts, 3)
+    patches = prompts.image_grid_thw.prod(1).tolist()
+    first, second = prompts.pixel_values.split(patches)
+    assert torch.equal(repeated.pixel_values, torch.cat([first] * 3 + [second] * 3))
+    assert torch.equal(repeated.input_ids[3], prompts.input_ids[1])
+    out = bench.naive_rollout(policy, processor, prompts, 3, 4)
+    assert out.shape == (6, 4) and not (out == processor.end_id).any()  # forced length
+
+
+def test_slice_prompts_keeps_each_rows_inputs(small):
+    *_, prompts = small
+    one = M.slice_prompts(prompts, 1, 2)
+    real = prompts.attention_mask[1].bool()
+    assert torch.equal(one.input_ids[0], prompts.input_ids[1, real])
+    assert torch.equal(one.position_ids[:, 0], prompts.position_ids[:, 1, real])
+    assert torch.equal(one.pixel_values, prompts.pixel_values.split(prompts.image_grid_thw.prod(1).tolist())[1])
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    records = bench.main(["--preset", "cpu", "--layers", "1", "--vision-layers", "1", "--configs", "2x4",
+                          "--groups", "1", "--repeats", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(records))
+    record = saved[0]
+    assert record["G"] == 2 and record["completion_tokens"] == 4
+    for path in ("naive", "ours"):
+        assert record[path]["total_s"] == pytest.approx(sum(
+            record[path][f"{k}_s"] for k in ("rollout", "reference", "policy", "optimizer")))
+        assert record[path]["imagenet_minutes"] == pytest.approx(40_000 * record[path]["total_s"] / 60)
+    assert record["ratio"]["total"] == pytest.approx(record["naive"]["total_s"] / record["ours"]["total_s"])
