@@ -41,7 +41,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data as D
-import evaluate as E
 import model as M
 
 SFT_TARGETS = {"no-think": "{label}", "cls-rl": "<answer>{label}</answer>",
@@ -90,10 +89,10 @@ def fit(args, run: "Run", model, processor, train_data, test_data=None, start_st
             tokens += int(target_mask.sum())
         grad_norm, skipped = optimizer_step(model, optimizer, args, step, total)
         stats = all_reduce_sum(run, {"loss": float(loss_sum), "prompts": len(batch.texts),
-                                     "skipped_images": batch.skipped})
+                                     "skipped_images": batch.skipped, "answer_tokens": tokens})
         record = dict(step=step + 1, loss=stats["loss"] / stats["prompts"], grad_norm=grad_norm,
                       lr=lr_at(args, step, total), skipped_update=skipped,
-                      skipped_images=stats["skipped_images"], answer_tokens=tokens,
+                      skipped_images=stats["skipped_images"], answer_tokens=int(stats["answer_tokens"]),
                       seconds=time.perf_counter() - t0, peak_memory_gb=peak_memory_gb())
         if eval_every and test_data is not None and ((step + 1) % eval_every == 0 or step + 1 == total):
             record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data)
@@ -190,21 +189,27 @@ def validate_args(args):
         raise SystemExit(f"--resume {args.resume}: no such checkpoint directory")
 
 
+def join_job(device: str | None, output_dir: str, timeout_minutes: float) -> Run:
+    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), else run alone.
+    `device` is the --device flag: cpu, cuda, or None for cuda when available. evaluate.py
+    uses it too."""
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Run(0, 1, torch.device("cuda" if cuda else "cpu"), output_dir)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    rank_device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank_device)
+    # a timeout, so a dead rank makes the others fail instead of waiting forever
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return Run(dist.get_rank(), dist.get_world_size(), rank_device, output_dir)
+
+
 def init_run(args) -> Run:
-    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), make the output dir,
-    save args.json, and turn SIGTERM into a save-then-exit request."""
+    """Join the job (join_job), make the output dir, save args.json, and turn SIGTERM into a
+    save-then-exit request."""
     validate_args(args)
-    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-    if "RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        # a timeout, so a dead rank makes the others fail instead of waiting forever
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=args.dist_timeout))
-        run = Run(dist.get_rank(), dist.get_world_size(), device, args.output_dir)
-    else:
-        run = Run(0, 1, torch.device("cuda" if cuda else "cpu"), args.output_dir)
+    run = join_job(args.device, args.output_dir, args.dist_timeout)
     prepare_output_dir(args, run)
     if run.is_main:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -399,7 +404,8 @@ def optimizer_step(model, optimizer, args, step: int, total: int) -> tuple[float
 
 
 def held_out_accuracy(args, run: Run, model, processor, test_data) -> float:
-    return E.accuracy(model, processor, test_data, args.method, rank=run.rank,
+    import evaluate  # here, not at the top: evaluate.py imports this file for join_job and Run
+    return evaluate.accuracy(model, processor, test_data, args.method, rank=run.rank,
                       world_size=run.world_size, batch_size=args.eval_batch_size,
                       max_new_tokens=getattr(args, "max_new_tokens", 64),
                       image_size=args.image_size, seed=args.seed, limit=args.eval_limit)
