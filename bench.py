@@ -2,7 +2,8 @@
 
     python bench.py --preset cpu                                   # ~2 min on 2 cores
     python bench.py --preset 2b                                    # one GPU: real-size Qwen2-VL-2B
-    python bench.py --preset 2b --device cpu --layers 2 --vision-layers 2 --configs 4x8  # CPU proof
+    python bench.py --preset 2b --device cpu --dtype float32 --layers 2 --vision-layers 2 \
+        --configs 4x8 --groups 2 --repeats 1                      # the 2b code path, on CPU
 
 Both paths use the same model, weights (random, built from a config: no download) and prompts,
 and produce completions of the same forced length, so the ratio is the cost of the method:
@@ -279,11 +280,13 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="override the language model's depth")
     parser.add_argument("--vision-layers", type=int, default=None, help="override the vision tower's depth")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="weights and activations (default: the preset's)")
     parser.add_argument("--json", default=None, help="also write the results here, one record per configuration")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     device = torch.device(args.device or preset["device"])
-    dtype = getattr(torch, preset["dtype"])
+    dtype = getattr(torch, args.dtype or preset["dtype"])
     groups = args.groups or preset["groups"]
     repeats = args.repeats or preset["repeats"]
     configs = [tuple(map(int, c.split("x"))) for c in (args.configs or ",".join(preset["configs"])).split(",")]
