@@ -222,8 +222,7 @@ def prepare_output_dir(args, run: Run):
     """A fresh run starts fresh logs and never mixes into another run's checkpoints. Every rank
     checks (so all of them stop together on a bad directory); rank 0 alone writes."""
     demo = getattr(args, "demo", False)  # the demo's own folder is simply started over
-    existing = os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else []
-    if not args.resume and not demo and any(d.startswith("checkpoint-") for d in existing):
+    if not args.resume and not demo and checkpoints(args.output_dir):
         raise SystemExit(f"--output-dir {args.output_dir} already holds checkpoints of another run; "
                          "pass --resume latest to continue it, or choose another --output-dir")
     if run.is_main:
@@ -428,8 +427,8 @@ def save_checkpoint(args, run: Run, step: int, model, processor, optimizer):
     """output_dir/checkpoint-000123/: a Hugging Face model directory plus trainer_state.pt
     (optimizer, step, args) and one RNG file per rank. Written into a temporary directory and
     renamed, so a crash mid-save never leaves a half checkpoint that --resume would pick."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
-    tmp = final + ".tmp"
+    path = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+    tmp = path + ".tmp"
     if run.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -441,13 +440,18 @@ def save_checkpoint(args, run: Run, step: int, model, processor, optimizer):
                    os.path.join(tmp, "trainer_state.pt"))
     barrier(run)  # every rank's RNG file is in before the rename
     if run.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted(d for d in os.listdir(args.output_dir)
-                     if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-        for name in old[:-args.keep_checkpoints]:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        for name in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
             shutil.rmtree(os.path.join(args.output_dir, name))
     barrier(run)
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """A run's complete checkpoint directories, oldest first (a .tmp one is a save cut short)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
 
 
 def find_checkpoint(args) -> str | None:
@@ -455,8 +459,7 @@ def find_checkpoint(args) -> str | None:
         return None
     if args.resume != "latest":
         return args.resume
-    found = sorted(d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")
-                   and not d.endswith(".tmp")) if os.path.isdir(args.output_dir) else []
+    found = checkpoints(args.output_dir)
     if not found:
         raise SystemExit(f"--resume latest: no checkpoint-* directory in {args.output_dir}")
     return os.path.join(args.output_dir, found[-1])
@@ -485,7 +488,14 @@ def barrier(run: Run):
 
 
 def finish(args, run: Run, model, processor, t0: float):
-    """Print the training time and leave the process group cleanly."""
+    """Point <output-dir>/final at the last checkpoint (unless SIGTERM cut the run short), print
+    the training time and leave the process group cleanly."""
+    saved = checkpoints(args.output_dir)
+    if run.is_main and saved and not _STOP["requested"]:
+        link = os.path.join(args.output_dir, "final")
+        os.symlink(saved[-1], link + ".tmp")
+        os.replace(link + ".tmp", link)  # atomic, also over the link of an earlier run
+        print0(run, f"final model: {link} -> {saved[-1]}")
     print0(run, f"training time: {(time.time() - t0) / 60:.1f} min; outputs in {args.output_dir}")
     if run.world_size > 1:
         dist.destroy_process_group()

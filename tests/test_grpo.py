@@ -141,7 +141,8 @@ def test_short_run_of_each_method(method, tmp_path):
             assert key in r
     assert records[0]["kl"] == 0  # the first update starts from the reference weights
     assert json.loads((out / "args.json").read_text())["method"] == method
-    assert M.load_model(str(out / "checkpoint-000002"))[0] is not None
+    assert (out / "final").resolve() == (out / "checkpoint-000002").resolve()
+    assert M.load_model(str(out / "final"))[0] is not None
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, warm_tiny):
@@ -196,6 +197,7 @@ def test_sigterm_saves_then_stops_and_resume_finishes(tmp_path):
     assert "SIGTERM" in out
     saved = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert len(saved) == 1 and not saved[0].endswith(".tmp")
+    assert not (tmp_path / "run/final").exists()  # a stopped run has no final model yet
     steps = len(metrics(tmp_path / "run"))
     assert saved[0] == f"checkpoint-{steps:06d}" and steps < 200
     run_script(ROOT / "train_grpo.py", args[:-6] + ["--max-steps", str(steps + 1), "--batch-size",
