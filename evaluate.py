@@ -17,7 +17,8 @@ image), then summary.json and summary.md over all of them:
 
 Tables and pictures from finished evaluations (a summary.json or the folder holding it):
 
-    python evaluate.py base2new runs/eval/base runs/eval/new     # Table 1: base, new and H
+    python evaluate.py table runs/eval/fewshot/*/                 # Table 2: one model per dataset
+    python evaluate.py base2new runs/eval/b2n/*/base runs/eval/b2n/*/new     # Table 1: base, new, H
     python evaluate.py matrix runs/eval/from-imagenet runs/eval/from-pets ...   # Figure 2
     python evaluate.py plot runs/pets/metrics.jsonl [more metrics.jsonl]       # Figures 1, 3
 
@@ -399,7 +400,8 @@ def parse_eval_args(argv):
     parser = argparse.ArgumentParser(
         prog="evaluate.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
         epilog="other commands (each has --help):\n"
-               "  evaluate.py base2new BASE NEW   base-to-new table with H (Table 1)\n"
+               "  evaluate.py table SUMMARY...    one averaged table over several evaluations (Table 2)\n"
+               "  evaluate.py base2new SUMMARY... base-to-new table with H (Table 1)\n"
                "  evaluate.py matrix RUN...       cross-dataset accuracy-change matrix (Figure 2)\n"
                "  evaluate.py plot METRICS...     training curves from metrics.jsonl (Figures 1, 3)")
     a = parser.add_argument
@@ -641,9 +643,8 @@ def base2new_table(base: dict, new: dict, rule: str = "paper") -> dict:
             "only_in_new": [n for n in new["datasets"] if n not in base["datasets"]]}
 
 
-def base2new_markdown(table: dict, base_path: str, new_path: str) -> str:
-    lines = [f"# Base-to-new ({table['rule']} rule)", "", f"base: {base_path}  ", f"new: {new_path}",
-             "", "| dataset | base | new | H |", "|---|---|---|---|"]
+def base2new_markdown(table: dict) -> str:
+    lines = [f"# Base-to-new ({table['rule']} rule)", "", "| dataset | base | new | H |", "|---|---|---|---|"]
     for name, row in list(table["datasets"].items()) + [("average", table["average"])]:
         lines.append(f"| {name} | {fmt(row['base'])} | {fmt(row['new'])} | {fmt(row['H'])} |")
     lines += ["", "H = 2·base·new / (base + new); the average row's H is that of the averaged "
@@ -654,33 +655,79 @@ def base2new_markdown(table: dict, base_path: str, new_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_summaries(paths: list[str], what: str) -> dict:
+    """The per-dataset rows of several summaries as one (the paper trains one model per dataset,
+    so its tables gather one evaluation per dataset); a dataset found twice is an error."""
+    merged = {"datasets": {}, "sources": {}}
+    for path in paths:
+        for name, row in read_summary(path, what)["datasets"].items():
+            if name in merged["datasets"]:
+                raise SystemExit(f"evaluate.py: {what}: {name} is in both {merged['sources'][name]} "
+                                 f"and {path}; pass one evaluation per dataset")
+            merged["datasets"][name], merged["sources"][name] = row, path
+    return merged
+
+
 def base2new_main(argv):
     parser = argparse.ArgumentParser(
         prog="evaluate.py base2new", formatter_class=HelpFormatter,
-        description="The base-to-new table (the paper's Table 1) from two evaluations of a model "
-                    "trained on the base classes: --setting base and --setting new.")
-    parser.add_argument("base", help="summary.json (or its folder) of the --setting base evaluation")
-    parser.add_argument("new", help="summary.json (or its folder) of the --setting new evaluation")
+        description="The base-to-new table (the paper's Table 1) from evaluations of models trained "
+                    "on the base classes, with --setting base and --setting new (one pair per "
+                    "dataset, or one pair covering several datasets).")
+    parser.add_argument("summaries", nargs="+", help="summary.json files (or their folders); each "
+                        "is sorted into base or new by the --setting it was evaluated with")
     parser.add_argument("--rule", default="paper", choices=["paper", "strict"],
                         help="which judge's accuracy to tabulate")
     parser.add_argument("--output-dir", default="runs/base2new",
                         help="base2new.json and base2new.md go here")
     args = parser.parse_args(argv)
-    base, new = read_summary(args.base, "BASE"), read_summary(args.new, "NEW")
-    for what, summary, wanted in (("BASE", base, "base"), ("NEW", new, "new")):
-        if summary.get("setting") not in (None, wanted):
-            raise SystemExit(f"evaluate.py base2new: {what} {getattr(args, wanted)} was evaluated "
-                             f"with --setting {summary['setting']}; expected --setting {wanted}")
-    table = base2new_table(base, new, args.rule)
+    sides = {"base": [], "new": []}
+    for path in args.summaries:
+        setting = read_summary(path, "SUMMARY").get("setting")
+        if setting not in sides:
+            raise SystemExit(f"evaluate.py base2new: {path} was evaluated with --setting {setting}; "
+                             "expected evaluations with --setting base and --setting new")
+        sides[setting].append(path)
+    if not sides["base"] or not sides["new"]:
+        missing = "base" if not sides["base"] else "new"
+        raise SystemExit(f"evaluate.py base2new: no --setting {missing} evaluation among "
+                         f"{', '.join(args.summaries)}")
+    table = base2new_table(merge_summaries(sides["base"], "base"),
+                           merge_summaries(sides["new"], "new"), args.rule)
     if not table["datasets"]:
-        raise SystemExit(f"evaluate.py base2new: {args.base} and {args.new} share no dataset")
-    if base.get("model") != new.get("model"):
-        print(f"note: BASE evaluated {base.get('model')}, NEW evaluated {new.get('model')}")
-    markdown = base2new_markdown(table, args.base, args.new)
+        raise SystemExit("evaluate.py base2new: the base and new evaluations share no dataset")
+    table["sources"] = sides
+    markdown = base2new_markdown(table)
     os.makedirs(args.output_dir, exist_ok=True)
     write_text(os.path.join(args.output_dir, "base2new.json"), json.dumps(table, indent=2))
     write_text(os.path.join(args.output_dir, "base2new.md"), markdown)
     print(markdown + f"\nwrote {args.output_dir}/base2new.json and base2new.md")
+    return table
+
+
+def table_main(argv):
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py table", formatter_class=HelpFormatter,
+        description="One accuracy table over several evaluations (e.g. the paper's Table 2: one "
+                    "fine-tuned model per dataset, each evaluated on its own dataset), averaged as "
+                    "the paper does: the plain mean of the per-dataset accuracies.")
+    parser.add_argument("summaries", nargs="+", help="summary.json files (or their folders)")
+    parser.add_argument("--output-dir", default="runs/table", help="table.json and table.md go here")
+    args = parser.parse_args(argv)
+    merged = merge_summaries(args.summaries, "SUMMARY")
+    table = {"datasets": merged["datasets"], "average": average(merged["datasets"]),
+             "sources": merged["sources"]}
+    lines = ["| dataset | acc. paper | acc. strict | hedged % | thinking % | mean tokens | evaluation |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in list(table["datasets"].items()) + [(f"average ({len(merged['datasets'])})", table["average"])]:
+        lines.append(f"| {name} | {fmt(row['accuracy_paper'])} | {fmt(row['accuracy_strict'])} | "
+                     f"{fmt(row.get('hedged_rate'))} | {fmt(row.get('thinking_share'))} | "
+                     f"{fmt(row.get('mean_completion_tokens'), 1)} | {merged['sources'].get(name, '')} |")
+    markdown = "\n".join(lines) + "\n"
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_text(os.path.join(args.output_dir, "table.json"), json.dumps(table, indent=2))
+    write_text(os.path.join(args.output_dir, "table.md"), markdown)
+    print(markdown + f"\nwrote {args.output_dir}/table.json and table.md")
     return table
 
 
@@ -866,11 +913,11 @@ def plot_main(argv):
     return plot_curves(args.metrics, output)
 
 
-COMMANDS = {"base2new": base2new_main, "matrix": matrix_main, "plot": plot_main}
+COMMANDS = {"table": table_main, "base2new": base2new_main, "matrix": matrix_main, "plot": plot_main}
 
 
 def main(argv=None):
-    """`evaluate.py [flags]` evaluates; `evaluate.py base2new|matrix|plot ...` tabulates or draws."""
+    """`evaluate.py [flags]` evaluates; `evaluate.py table|base2new|matrix|plot ...` tabulates or draws."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])

@@ -302,10 +302,12 @@ def write_summary(path, setting, accuracies, **extra):
 
 def test_base2new_table(tmp_path, capsys):
     # averages 81.17 (base) and 79.15 (new), spread so the mean of the rows' H is far from 80.15
-    write_summary(tmp_path / "base", "base", {"oxford_pets": 95.0, "dtd": 67.34, "eurosat": 50.0})
+    # one model per dataset, as in the paper: a base and a new evaluation of each
+    write_summary(tmp_path / "pets_base", "base", {"oxford_pets": 95.0})
+    write_summary(tmp_path / "dtd_base", "base", {"dtd": 67.34, "eurosat": 50.0})
     write_summary(tmp_path / "new", "new", {"oxford_pets": 60.0, "dtd": 98.30})
-    table = E.main(["base2new", str(tmp_path / "base"), str(tmp_path / "new"),
-                    "--output-dir", str(tmp_path / "out")])
+    table = E.main(["base2new", str(tmp_path / "new"), str(tmp_path / "pets_base"),
+                    str(tmp_path / "dtd_base"), "--output-dir", str(tmp_path / "out")])
     h_pets, h_dtd = 2 * 95 * 60 / 155, 2 * 67.34 * 98.30 / (67.34 + 98.30)
     assert table["datasets"]["oxford_pets"]["H"] == pytest.approx(h_pets)
     assert table["datasets"]["dtd"]["H"] == pytest.approx(h_dtd)
@@ -319,8 +321,30 @@ def test_base2new_table(tmp_path, capsys):
     assert "only in base: eurosat" in markdown and markdown in capsys.readouterr().out
     assert read_json(tmp_path / "out/base2new.json")["average"]["H"] == pytest.approx(table["average"]["H"])
 
-    message = exit_message(["base2new", str(tmp_path / "new"), str(tmp_path / "base")])
-    assert "--setting new" in message and "expected --setting base" in message
+    assert table["sources"]["base"] == [str(tmp_path / "pets_base"), str(tmp_path / "dtd_base")]
+
+    message = exit_message(["base2new", str(tmp_path / "new"), str(tmp_path / "new")])
+    assert "no --setting base evaluation" in message
+    write_summary(tmp_path / "pets_again", "base", {"oxford_pets": 1.0})
+    message = exit_message(["base2new", str(tmp_path / "pets_base"), str(tmp_path / "pets_again"),
+                            str(tmp_path / "new")])
+    assert "oxford_pets is in both" in message
+    write_summary(tmp_path / "few", "fewshot", {"dtd": 1.0})
+    message = exit_message(["base2new", str(tmp_path / "few"), str(tmp_path / "new")])
+    assert "--setting fewshot" in message and "--setting base and --setting new" in message
+
+
+def test_table_averages_one_evaluation_per_dataset(tmp_path):
+    write_summary(tmp_path / "pets", "fewshot", {"oxford_pets": 86.13})
+    write_summary(tmp_path / "dtd", "fewshot", {"dtd": 73.52})
+    write_summary(tmp_path / "euro", "fewshot", {"eurosat": 58.02})
+    table = E.main(["table", *(str(tmp_path / r) for r in ("pets", "dtd", "euro")),
+                    "--output-dir", str(tmp_path / "out")])
+    assert table["average"]["accuracy_paper"] == pytest.approx((86.13 + 73.52 + 58.02) / 3)
+    assert table["average"]["accuracy_strict"] == pytest.approx((85.13 + 72.52 + 57.02) / 3)
+    markdown = (tmp_path / "out/table.md").read_text()
+    assert f"| average (3) | {(86.13 + 73.52 + 58.02) / 3:.2f} |" in markdown
+    assert read_json(tmp_path / "out/table.json")["sources"]["dtd"] == str(tmp_path / "dtd")
 
 
 def test_matrix_from_hand_made_runs(tmp_path, monkeypatch, capsys):
