@@ -655,6 +655,13 @@ def base2new_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(folder: str, name: str, table: dict, markdown: str):
+    """<folder>/<name>.json and <name>.md, and the markdown on screen."""
+    write_text(os.path.join(folder, f"{name}.json"), json.dumps(table, indent=2))
+    write_text(os.path.join(folder, f"{name}.md"), markdown)
+    print(markdown + f"\nwrote {folder}/{name}.json and {name}.md")
+
+
 def merge_summaries(paths: list[str], what: str) -> dict:
     """The per-dataset rows of several summaries as one (the paper trains one model per dataset,
     so its tables gather one evaluation per dataset); a dataset found twice is an error."""
@@ -698,10 +705,7 @@ def base2new_main(argv):
         raise SystemExit("evaluate.py base2new: the base and new evaluations share no dataset")
     table["sources"] = sides
     markdown = base2new_markdown(table)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_text(os.path.join(args.output_dir, "base2new.json"), json.dumps(table, indent=2))
-    write_text(os.path.join(args.output_dir, "base2new.md"), markdown)
-    print(markdown + f"\nwrote {args.output_dir}/base2new.json and base2new.md")
+    write_table(args.output_dir, "base2new", table, markdown)
     return table
 
 
@@ -724,10 +728,7 @@ def table_main(argv):
                      f"{fmt(row.get('hedged_rate'))} | {fmt(row.get('thinking_share'))} | "
                      f"{fmt(row.get('mean_completion_tokens'), 1)} | {merged['sources'].get(name, '')} |")
     markdown = "\n".join(lines) + "\n"
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_text(os.path.join(args.output_dir, "table.json"), json.dumps(table, indent=2))
-    write_text(os.path.join(args.output_dir, "table.md"), markdown)
-    print(markdown + f"\nwrote {args.output_dir}/table.json and table.md")
+    write_table(args.output_dir, "table", table, markdown)
     return table
 
 
@@ -796,10 +797,7 @@ def matrix_main(argv):
     zero_shot = read_summary(args.zero_shot, "--zero-shot") if args.zero_shot else None
     table = matrix_table(summaries, zero_shot, args.rule)
     markdown = matrix_markdown(table)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_text(os.path.join(args.output_dir, "matrix.json"), json.dumps(table, indent=2))
-    write_text(os.path.join(args.output_dir, "matrix.md"), markdown)
-    print(markdown + f"\nwrote {args.output_dir}/matrix.json and matrix.md")
+    write_table(args.output_dir, "matrix", table, markdown)
     plot_matrix(table, os.path.join(args.output_dir, "matrix.png"))
     return table
 
