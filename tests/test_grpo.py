@@ -145,6 +145,24 @@ def test_short_run_of_each_method(method, tmp_path):
     assert M.load_model(str(out / "final"))[0] is not None
 
 
+def test_rollout_reuse_and_token_normalisation(tmp_path, warm_tiny):
+    """--num-iterations 2: two updates per rollout, the second with a ratio away from 1, so the
+    clipping can act; --loss-norm token runs the other normalisation end to end."""
+    out = tmp_path / "run"
+    T.main(FAST + ["--model", warm_tiny, "--method", "no-think", "--max-steps", "2",
+                   "--batch-size", "2", "--num-generations", "4", "--lr", "1e-2", "--shots", "4",
+                   "--num-iterations", "2", "--epsilon", "0.05", "--loss-norm", "token",
+                   "--output-dir", str(out)])
+    records = metrics(out)
+    assert [(r["step"], r["iteration"]) for r in records] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    first, second = records[0], records[1]
+    assert first["clip_fraction"] == 0  # the first update's ratio is exactly 1
+    assert second["clip_fraction"] > 0 and second["rollout_seconds"] == 0
+    assert first["reward"] == second["reward"]  # the same rollout, scored twice
+    assert records[1]["lr"] < records[0]["lr"]  # the schedule counts updates, not rollouts
+    assert first["zero_spread_groups"] < 1  # that rollout carried a signal
+
+
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, warm_tiny):
     """Same seed and global batch: 2 ranks x accumulation 1 == 1 rank x accumulation 2."""
     # from a fine-tuned model, so rewards differ within groups (with all-zero advantages GRPO
