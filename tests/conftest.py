@@ -46,6 +46,37 @@ def fresh_tiny():
     return M.load_model("tiny")
 
 
+def build_tiny_qwen25(processor):
+    """A random-weight Qwen2.5-VL (window-attention vision tower, SwiGLU) sized like `tiny`,
+    sharing its tokenizer: the same code must serve both model families."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    qwen2 = M.tiny_config(processor.tokenizer)
+    t = qwen2.text_config
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                num_key_value_heads=t.num_key_value_heads, rope_parameters=dict(t.rope_parameters),
+                bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+                tie_word_embeddings=True, initializer_range=0.2)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, initializer_range=0.2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                              initializer_range=0.2, image_token_id=qwen2.image_token_id,
+                              video_token_id=qwen2.video_token_id,
+                              vision_start_token_id=qwen2.vision_start_token_id,
+                              vision_end_token_id=qwen2.vision_end_token_id)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+@pytest.fixture(params=["qwen2-vl", "qwen2.5-vl"])
+def any_tiny(request):
+    """A fresh tiny model of each supported family."""
+    model, processor = M.load_model("tiny")
+    return (model, processor) if request.param == "qwen2-vl" else build_tiny_qwen25(processor)
+
+
 def make_image(seed: int, size=(56, 56)) -> Image.Image:
     """A small deterministic picture: a coloured shape on a coloured background."""
     g = torch.Generator().manual_seed(seed)

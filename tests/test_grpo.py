@@ -269,7 +269,12 @@ def test_demo_learns(tmp_path):
     before, after = (float(x.split("%")[0]) for x in
                      out.split("held-out accuracy: ")[1].split(" before GRPO, "))
     assert after >= before
-    rewards = [r["reward"] for r in metrics(tmp_path / "runs/demo")]
+    records = metrics(tmp_path / "runs/demo")
+    rewards = [r["reward"] for r in records]
     quarter = len(rewards) // 4
     assert sum(rewards[-quarter:]) > sum(rewards[:quarter])
+    # --eval-every 25: held-out accuracy in the log, the last one the accuracy printed after
+    evaluated = [r for r in records if "test_accuracy" in r]
+    assert [r["step"] for r in evaluated] == [25, 50, 75, 100]
+    assert evaluated[-1]["test_accuracy"] == pytest.approx(after, abs=0.05)
     assert "metrics: runs/demo/metrics.jsonl" in out

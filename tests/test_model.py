@@ -21,8 +21,8 @@ def test_prompt_text_is_the_qwen2_vl_chat_format(tiny):
                     "<|im_start|>assistant\n")
 
 
-def test_positions_equal_transformers_rope_index(tiny, images, texts):
-    model, processor = tiny
+def test_positions_equal_transformers_rope_index(any_tiny, images, texts):
+    model, processor = any_tiny
     batch = M.build_prompts(processor, images, texts)
     assert batch.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 6], [1, 6, 6]]
     assert batch.mm_token_type_ids.sum(1).tolist() == [4, 6, 9]
@@ -34,8 +34,8 @@ def test_positions_equal_transformers_rope_index(tiny, images, texts):
     assert torch.equal(batch.next_position, batch.lengths + deltas.squeeze(1))
 
 
-def test_greedy_equals_transformers_generate(tiny, images, texts):
-    model, processor = tiny
+def test_greedy_equals_transformers_generate(any_tiny, images, texts):
+    model, processor = any_tiny
     batch = M.build_prompts(processor, images, texts)
     ours = M.sample_groups(model, processor, batch, group_size=1, max_new_tokens=12, temperature=0)
     reference = model.generate(
@@ -76,15 +76,18 @@ def _naive_logprobs(model, processor, batch, completion_ids, G):
     return torch.stack(rows)
 
 
-def test_shared_prefix_logprobs_and_gradients_equal_naive(fresh_tiny, images, texts):
-    model, processor = fresh_tiny
+def test_shared_prefix_logprobs_and_gradients_equal_naive(any_tiny, images, texts):
+    model, processor = any_tiny
     G = 3
     batch = M.build_prompts(processor, images, texts)
     torch.manual_seed(0)
     rollout = M.sample_groups(model, processor, batch, G, max_new_tokens=8, temperature=1.0,
-                              seeds=[1, 2, 3])
-    mask = rollout.completion_mask
-    assert 0 < mask.sum() < mask.numel()  # some completions ended early: padding is exercised
+                              seeds=[1, 2, 3], min_new_tokens=8)
+    completion_ids = rollout.completion_ids.clone()
+    for row, end in ((0, 2), (4, 5)):  # two completions end early: padding follows them
+        completion_ids[row, end], completion_ids[row, end + 1:] = processor.end_id, processor.pad_id
+    mask = M.completion_mask(completion_ids, processor.end_id)
+    assert mask.sum() == mask.numel() - 5 - 2
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
 
     def loss_and_grads(fn):
@@ -93,10 +96,9 @@ def test_shared_prefix_logprobs_and_gradients_equal_naive(fresh_tiny, images, te
         (logprobs * weights).sum().backward()
         return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    ours, our_grads = loss_and_grads(
-        lambda: M.completion_logprobs(model, batch, rollout.completion_ids, G))
+    ours, our_grads = loss_and_grads(lambda: M.completion_logprobs(model, batch, completion_ids, G))
     ref, ref_grads = loss_and_grads(
-        lambda: _naive_logprobs(model, processor, batch, rollout.completion_ids, G))
+        lambda: _naive_logprobs(model, processor, batch, completion_ids, G))
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     assert our_grads.keys() == ref_grads.keys()
     assert any("visual" in n for n in our_grads)  # the vision tower is trained too
@@ -231,3 +233,23 @@ def test_save_load_round_trip_gives_identical_logits(tiny, images, texts, tmp_pa
 def test_loading_a_directory_that_is_not_a_model_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.load_model(str(tmp_path))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(fresh_tiny, images, texts):
+    """--grad-checkpointing recomputes activations in backward: same numbers, less memory."""
+    model, processor = fresh_tiny
+    batch = M.build_prompts(processor, images, texts)
+    ids = M.sample_groups(model, processor, batch, 2, 6, 1.0, seeds=[1, 2, 3]).completion_ids
+    model.train()
+
+    def gradients():
+        model.zero_grad()
+        M.completion_logprobs(model, batch, ids, 2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.language_model.layers[0].gradient_checkpointing
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
