@@ -254,11 +254,7 @@ def main(argv=None):
             S.log_metrics(run, "metrics.jsonl", record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", length=f"{record['completion_length']:.1f}")
-        stop = S.stop_requested(run)
-        if stop or step + 1 == total or (args.save_every and (step + 1) % args.save_every == 0):
-            S.save_checkpoint(args, run, step + 1, model, processor, optimizer)
-        if stop:
-            S.print0(run, f"SIGTERM: saved step {step + 1} and stopped; continue with --resume latest")
+        if S.save_or_stop(args, run, step + 1, total, model, processor, optimizer):
             break
     bar.close()
     if args.demo:

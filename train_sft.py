@@ -98,11 +98,7 @@ def fit(args, run: "Run", model, processor, train_data, test_data=None, start_st
             record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data)
         log_metrics(run, log_name, record)
         bar.update(1), bar.set_postfix(loss=f"{record['loss']:.3f}")
-        stop = stop_requested(run)
-        if checkpoints and (stop or step + 1 == total or (args.save_every and (step + 1) % args.save_every == 0)):
-            save_checkpoint(args, run, step + 1, model, processor, optimizer)
-        if stop:
-            print0(run, f"SIGTERM: saved step {step + 1} and stopped; continue with --resume latest")
+        if save_or_stop(args, run, step + 1, total, model, processor, optimizer, save=checkpoints):
             break
     bar.close()
     return model
@@ -421,6 +417,19 @@ def log_metrics(run: Run, name: str, record: dict):
     if run.is_main:
         with open(os.path.join(run.output_dir, name), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimizer,
+                 save: bool = True) -> bool:
+    """After optimizer step `step` (counted from 1): checkpoint when one is due or when any rank
+    got SIGTERM, and say whether to stop."""
+    stop = stop_requested(run)
+    if save and (stop or step == total or (args.save_every and step % args.save_every == 0)):
+        save_checkpoint(args, run, step, model, processor, optimizer)
+    if stop:
+        print0(run, f"SIGTERM: {'saved step %d and ' % step if save else ''}stopped; "
+                    "continue with --resume latest")
+    return stop
 
 
 def save_checkpoint(args, run: Run, step: int, model, processor, optimizer):
