@@ -108,27 +108,13 @@ def make_prompts(preset: dict, groups: int, device, dtype) -> M.PromptBatch:
     side = preset["image"] // 28 * 28 + (28 if preset["image"] % 28 else 0)  # processor's resize
     grid = [1, side // 14, side // 14]
     n_image = grid[1] * grid[2] // 4
-    rows, positions, nexts = [], [], []
+    rows = []
     for b in range(groups):
         text = torch.randint(0, PAD, (preset["text_tokens"] + 3 * b,), generator=g).tolist()
-        ids = ([IM_START] + text[:20] + [IM_END, IM_START] + [VISION_START] + [IMAGE_PAD] * n_image
-               + [VISION_END] + text[20:] + [IM_END, IM_START, 77091, 198])
-        pos, nxt = M.mrope_positions(ids, IMAGE_PAD, [grid], 2)
-        rows.append(ids), positions.append(pos), nexts.append(nxt)
-    P = max(map(len, rows))
-    input_ids = torch.full((groups, P), PAD)
-    attention_mask = torch.zeros(groups, P, dtype=torch.long)
-    position_ids = torch.ones(3, groups, P, dtype=torch.long)
-    for b, (ids, pos) in enumerate(zip(rows, positions)):
-        input_ids[b, P - len(ids):], attention_mask[b, P - len(ids):] = torch.tensor(ids), 1
-        position_ids[:, b, P - len(ids):] = pos
-    patches = groups * grid[1] * grid[2]
-    return M.PromptBatch(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device), mm_token_type_ids=(input_ids == IMAGE_PAD).long().to(device),
-        pixel_values=torch.randn(patches, 1176, generator=g).to(device, dtype),
-        image_grid_thw=torch.tensor([grid] * groups, device=device),
-        next_position=torch.tensor(nexts, device=device))
+        rows.append([IM_START] + text[:20] + [IM_END, IM_START] + [VISION_START] + [IMAGE_PAD] * n_image
+                    + [VISION_END] + text[20:] + [IM_END, IM_START, 77091, 198])
+    pixel_values = torch.randn(groups * grid[1] * grid[2], 1176, generator=g).to(dtype)
+    return M.pad_prompts(rows, torch.tensor([grid] * groups), pixel_values, PAD, IMAGE_PAD, 2, device)
 
 
 # ----------------------------------------------------------------------------- the naive path

@@ -269,7 +269,7 @@ def build_prompts(processor: Processor, images: list, texts: list[str], device="
         raise ValueError(f"build_prompts: {len(images)} images but {len(texts)} texts")
     vision = processor.image_processor(images=images, return_tensors="pt")
     grids = vision["image_grid_thw"]  # (B, 3)
-    rows, positions, next_position = [], [], []
+    rows = []
     for text, grid in zip(texts, grids.tolist()):
         ids = chat_ids(processor, text)
         if ids.count(processor.image_pad_id) != 1:
@@ -277,21 +277,30 @@ def build_prompts(processor: Processor, images: list, texts: list[str], device="
         at = ids.index(processor.image_pad_id)
         n_image = grid[0] * grid[1] * grid[2] // processor.merge_size ** 2
         ids = ids[:at] + [processor.image_pad_id] * n_image + ids[at + 1:]
-        pos, nxt = mrope_positions(ids, processor.image_pad_id, [grid], processor.merge_size)
-        rows.append(ids), positions.append(pos), next_position.append(nxt)
+        rows.append(ids)
+    return pad_prompts(rows, grids, vision["pixel_values"], processor.pad_id, processor.image_pad_id,
+                       processor.merge_size, device)
+
+
+def pad_prompts(rows: list[list[int]], grids: torch.Tensor, pixel_values: torch.Tensor, pad_id: int,
+                image_pad_id: int, merge_size: int, device="cpu") -> PromptBatch:
+    """Left-pad B token rows (images already expanded) into a PromptBatch with mRoPE positions."""
     B, P = len(rows), max(len(r) for r in rows)
-    input_ids = torch.full((B, P), processor.pad_id, dtype=torch.long)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, P, dtype=torch.long)
     position_ids = torch.ones(3, B, P, dtype=torch.long)
-    for b, (ids, pos) in enumerate(zip(rows, positions)):
+    next_position = []
+    for b, (ids, grid) in enumerate(zip(rows, grids.tolist())):
+        pos, nxt = mrope_positions(ids, image_pad_id, [grid], merge_size)
         input_ids[b, P - len(ids):] = torch.tensor(ids)
         attention_mask[b, P - len(ids):] = 1
         position_ids[:, b, P - len(ids):] = pos
+        next_position.append(nxt)
     return PromptBatch(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
-        mm_token_type_ids=(input_ids == processor.image_pad_id).long().to(device),
-        pixel_values=vision["pixel_values"].to(device), image_grid_thw=grids.to(device),
+        mm_token_type_ids=(input_ids == image_pad_id).long().to(device),
+        pixel_values=pixel_values.to(device), image_grid_thw=grids.to(device),
         next_position=torch.tensor(next_position, device=device))
 
 
