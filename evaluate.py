@@ -592,7 +592,6 @@ def run_evaluation(argv):
 
     run = S.join_job(args.device, args.output_dir, args.dist_timeout)
     if run.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
         write_text(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
     try:
         model, processor = M.load_model(args.model, run.device)
@@ -617,10 +616,7 @@ def run_evaluation(argv):
             if missing:
                 print(f"note: --compare {args.compare} has no {', '.join(missing)}: no change shown")
         summary["average"] = average(per_dataset)
-        markdown = summary_markdown(summary)
-        write_text(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=2))
-        write_text(os.path.join(args.output_dir, "summary.md"), markdown)
-        print(markdown + f"\nwrote {args.output_dir}/summary.json and summary.md", flush=True)
+        write_table(args.output_dir, "summary", summary, summary_markdown(summary))
     if run.world_size > 1:
         dist.destroy_process_group()
 
@@ -659,7 +655,7 @@ def write_table(folder: str, name: str, table: dict, markdown: str):
     """<folder>/<name>.json and <name>.md, and the markdown on screen."""
     write_text(os.path.join(folder, f"{name}.json"), json.dumps(table, indent=2))
     write_text(os.path.join(folder, f"{name}.md"), markdown)
-    print(markdown + f"\nwrote {folder}/{name}.json and {name}.md")
+    print(markdown + f"\nwrote {folder}/{name}.json and {name}.md", flush=True)
 
 
 def merge_summaries(paths: list[str], what: str) -> dict:
