@@ -205,18 +205,12 @@ class PeakMemory:
         return self.peak / 2**30
 
 
-def clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length, device) -> Phases:
     """One GRPO step over all prompt groups of `prompts`, phase by phase, on `path`."""
     B = prompts.input_ids.shape[0]
     phases = Phases()
     with PeakMemory(device) as memory:
-        t0 = clock(device)
+        t0 = T.timer(device)
         with torch.no_grad():
             policy.eval()
             if path == "naive":
@@ -226,12 +220,12 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
                 completions = M.sample_groups(policy, processor, prompts, G, length, 1.0,
                                               seeds=seeds, min_new_tokens=length).completion_ids
         assert completions.shape == (B * G, length), completions.shape
-        t1 = clock(device)
+        t1 = T.timer(device)
         groups = [(M.slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
         score = naive_logprobs if path == "naive" else M.completion_logprobs
         with torch.no_grad():
             ref = [score(reference, p, c, G) for p, c in groups]
-        t2 = clock(device)
+        t2 = T.timer(device)
         policy.train()
         advantages = torch.randn(B, G, generator=torch.Generator().manual_seed(1)).to(device)
         for (p, c), ref_logprobs, adv in zip(groups, ref, advantages):
@@ -240,10 +234,10 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
                                   torch.ones_like(c), beta=0.04, epsilon=0.2,
                                   loss_norm="sequence", normaliser=B * G)
             loss.backward()
-        t3 = clock(device)
+        t3 = T.timer(device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t4 = clock(device)
+        t4 = T.timer(device)
     phases.rollout, phases.reference, phases.policy, phases.optimizer = t1 - t0, t2 - t1, t3 - t2, t4 - t3
     phases.peak_gb = memory.gb
     return phases

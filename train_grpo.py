@@ -146,8 +146,8 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
     return random.Random(f"{seed}:rollout:{step}:{position}").getrandbits(62)
 
 
-def timer(run):
-    if run.device.type == "cuda":
+def timer(device: torch.device) -> float:
+    if device.type == "cuda":
         torch.cuda.synchronize()  # time the GPU work, not the launch
     return time.perf_counter()
 
@@ -188,7 +188,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=start_step, desc="grpo", disable=not run.is_main, dynamic_ncols=True)
 
     for step in range(start_step, total):
-        times = {"start": timer(run)}
+        times = {"start": timer(run.device)}
         # 1. this rank's prompts of the step and G completions each: ONE sampling call for all
         #    micro-steps, since a wider decode batch is much faster than one prompt at a time
         batch = S.load_step_examples(run, args, train_data, step)
@@ -204,7 +204,7 @@ def main(argv=None):
         rewards = torch.tensor([R.total_reward(args.method, c) for c in components])  # (BAG,)
         group_rewards = rewards.view(B * A, G)
         advantages = group_advantages(group_rewards).flatten().to(run.device)  # (BAG,)
-        times["rollout"] = timer(run)
+        times["rollout"] = timer(run.device)
         # 3. per micro-step: its prompts, completions, and the frozen reference's log-probs
         micro = [dict(prompts=M.slice_prompts(prompts, m * B, (m + 1) * B),
                       ids=rollout.completion_ids[m * B * G:(m + 1) * B * G],
@@ -217,14 +217,14 @@ def main(argv=None):
                 # the rollout-time policy, which the ratio of later iterations compares with
                 part["old"] = M.completion_logprobs(model, part["prompts"], part["ids"], G) \
                     if mu > 1 else None
-        times["reference"] = timer(run)
+        times["reference"] = timer(run.device)
         tokens = S.all_reduce_sum(run, {"tokens": rollout.completion_mask.sum()})["tokens"]
         # DDP averages gradients over ranks, so dividing each rank's sum by its own completion
         # count (or by global tokens / world size) makes the update the global-batch mean
         normaliser = B * A * G if args.loss_norm == "sequence" else tokens / run.world_size
 
         for iteration in range(mu):
-            times["policy_start"] = timer(run)
+            times["policy_start"] = timer(run.device)
             model.train()
             sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_tokens": 0.0, "tokens": 0.0}
             for m, part in enumerate(micro):
@@ -239,10 +239,10 @@ def main(argv=None):
                     loss.backward()
                 for key, value in {"loss": float(loss.detach()), **stats}.items():
                     sums[key] += value
-            times["policy"] = timer(run)
+            times["policy"] = timer(run.device)
             update = step * mu + iteration
             grad_norm, skipped = S.optimizer_step(model, optimizer, args, update, total * mu)
-            times["optimizer"] = timer(run)
+            times["optimizer"] = timer(run.device)
             if skipped:
                 S.print0(run, f"step {step + 1}: non-finite gradient norm; every rank skipped the update")
             record = step_record(args, run, step, iteration, sums, rewards, components, rollout,
