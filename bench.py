@@ -39,7 +39,7 @@ import torch
 import model as M
 import train_grpo as T
 
-# Qwen2-VL's real token ids (METHOD.md section 9) and vocabulary.
+# Qwen2-VL's real token ids (docs/method.md section 9) and vocabulary.
 IM_START, IM_END, PAD, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151643, 151652, 151653, 151655
 VOCAB = 151936
 
@@ -51,7 +51,7 @@ PRESETS = {
                 vision=dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
                 image=224, text_tokens=220, groups=2, configs=["4x8", "8x8", "4x128", "8x128"],
                 device="cpu", dtype="float32", repeats=2),
-    # Qwen2-VL-2B (METHOD.md section 9); 384x384 images (196 tokens) and an ImageNet-style
+    # Qwen2-VL-2B (docs/method.md section 9); 384x384 images (196 tokens) and an ImageNet-style
     # question listing 100 class names (~540 text tokens, our estimate for Qwen's tokenizer)
     "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24]),

@@ -62,7 +62,7 @@ SPLIT_FILE_LAYOUT = {
     "demo": ("demo", "images", "split_demo.json"),
 }
 
-PROMPT_SUFFIX = {  # appended to the question, as the authors trained (METHOD.md section 3)
+PROMPT_SUFFIX = {  # appended to the question, as the authors trained (docs/method.md section 3)
     "cls-rl": "\n Please output the thinking process in <think> </think> and final answer in "
               "<answer> </answer> tags.",
     "no-think": "\n Please directly output the answer.",
@@ -337,7 +337,7 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
 
 
 def num_candidates(num_classes: int, setting: str) -> int:
-    """How many class names the question lists (METHOD.md section 2).
+    """How many class names the question lists (docs/method.md section 2).
 
     >>> [num_candidates(c, "fewshot") for c in (10, 47, 100, 196, 1000)]
     [10, 47, 40, 78, 100]

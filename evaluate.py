@@ -55,7 +55,7 @@ average is the plain mean of the per-dataset accuracies):
 H in `base2new` is the harmonic mean of the AVERAGED base and new accuracies, as the paper
 computes it (2*81.17*79.15/(81.17+79.15) = 80.15), not the mean of the per-dataset H.
 
-Where this departs from the authors' evaluation (../shared/METHOD.md sections 3 and 6):
+Where this departs from the authors' evaluation (docs/method.md sections 3 and 6):
 - The question ends with the TRAINING prompt suffix of the method (--prompt maps to it); the
   authors' evaluation scripts used slightly different wordings ("First output the thinking
   process..." and "Please directly output the answer name.").

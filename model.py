@@ -15,7 +15,7 @@ scoring are driven here, because GRPO needs two things `generate` does not do we
 Both paths are checked against Hugging Face's own `generate` and a naive full-sequence forward
 in tests/test_model.py, and timed against them in bench.py.
 
-Qwen2-VL pitfalls handled here (../shared/METHOD.md section 9): 3-D mRoPE positions are always
+Qwen2-VL pitfalls handled here (docs/method.md section 9): 3-D mRoPE positions are always
 passed explicitly (the model's hidden `rope_deltas` state is never relied on); vision and other
 special tokens are blocked while sampling (one sampled <|image_pad|> breaks the next forward);
 prompts are never truncated (the authors' trainer cut prompt ids but generated from uncut ones).

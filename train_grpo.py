@@ -10,7 +10,7 @@ completions per prompt, all micro-steps in one batched call (model.sample_groups
 shared-prefix log-probs, clipped-ratio loss with a k3 KL penalty, backward (DDP syncs only on
 the last) -> clip, AdamW, log.
 
-Defaults are the authors' settings (../shared/METHOD.md section 5): G=4, temperature 1, lr 1e-6,
+Defaults are the authors' settings (docs/method.md section 5): G=4, temperature 1, lr 1e-6,
 beta 0.04, epsilon 0.2, one update per rollout, per-completion mean loss, batch 1 x accumulation
 2 per GPU, seed 100, epochs per dataset. Where this departs from their code, and why:
 - Prompts are never truncated (their trainer cut prompt ids but generated from uncut ones, so
@@ -40,7 +40,7 @@ import model as M
 import rewards as R
 import train_sft as S
 
-# Epochs on 4-shot data, as the authors trained (METHOD.md section 5).
+# Epochs on 4-shot data, as the authors trained (docs/method.md section 5).
 EPOCHS = {"imagenet": 10, "sun397": 25, "eurosat": 100}
 DEFAULT_EPOCHS = 50
 DEMO_ARGS = ["--model", "tiny", "--dataset", "demo", "--method", "no-think", "--image-size", "112",

@@ -1,5 +1,5 @@
 """The reward rules and answer judges, case by case. Every expected value is written by
-hand from the rules in METHOD.md sections 4 and 6, never computed by the code under test."""
+hand from the rules in docs/method.md sections 4 and 6, never computed by the code under test."""
 import ast
 import dataclasses
 import doctest
