@@ -38,6 +38,7 @@ import random
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,17 +251,6 @@ def _sample_fewshot(items: list, shots: int, seed: int) -> list:
     return chosen
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader (another rank) never
-    sees half a file."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_file: str | None) -> list:
     """The few-shot training items: read back from `fewshot_file` when it exists, else
     sampled (and saved there when a file is named). The file holds the choice over ALL
@@ -268,8 +258,8 @@ def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_fil
     if fewshot_file is None or not os.path.exists(fewshot_file):
         chosen = _sample_fewshot(items, shots, seed)
         if fewshot_file is not None:
-            _write_json_atomic(fewshot_file, {"dataset": dataset, "shots": shots, "seed": seed,
-                                              "images": [path for path, _ in chosen]})
+            write_atomic(fewshot_file, json.dumps({"dataset": dataset, "shots": shots, "seed": seed,
+                                                    "images": [path for path, _ in chosen]}, indent=1))
         return chosen
     try:
         with open(fewshot_file) as f:
@@ -386,6 +376,77 @@ def load_image(path: str, size: int) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from err
     return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+# ----------------------------------------------------------------------------- files and flags
+# Small helpers every script uses: atomic writes, JSON lines, flag checks, one-line errors.
+
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader (another rank, a resumed
+    run) never sees half a file. A failed write (a full disk) names the file it was writing."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(f"could not write {path}: {err}") from err
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file. An incomplete last line (a write cut short by a kill)
+    is dropped with a note; a bad line elsewhere is an error naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    with open(path) as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: the write was interrupted
+                print(f"{path}: dropped an incomplete last line (an interrupted write)", flush=True)
+                continue
+            raise ValueError(f"{path} line {number} is not JSON ({err})") from None
+    return records
+
+
+def append_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def check_flags(args, at_least: dict | None = None, above: dict | None = None) -> None:
+    """Stop with one line naming the flag, its value and what was expected, before anything is
+    loaded. Flags whose value is None (not given, no default) are not checked.
+    >>> check_flags(argparse.Namespace(batch_size=0, lr=1e-6), at_least={"batch_size": 1})
+    Traceback (most recent call last):
+    SystemExit: --batch-size 0: expected at least 1
+    """
+    for bounds, words in ((at_least or {}, "at least"), (above or {}, "more than")):
+        for name, bound in bounds.items():
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if not (value >= bound if words == "at least" else value > bound):  # NaN fails too
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
+
+
+@contextmanager
+def one_line_errors(script: str):
+    """Bad input met while setting up (a missing file, a malformed split, an unloadable model, an
+    unusable output folder) ends the script with its message on one line, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{script}: error: {err}") from None
 
 
 # The demo set: each class differs in colour AND shape, so even a tiny model can learn it.

@@ -84,7 +84,6 @@ from tqdm import tqdm
 import data as D
 import model as M
 import rewards as R
-import train_sft as S
 
 # evaluation prompt name -> the training method whose suffix it uses
 PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "think-after-answer",
@@ -308,15 +307,6 @@ def read_summary(path: str, what: str) -> dict:
     return summary
 
 
-def write_text(path: str, text: str):
-    """Write beside `path`, then rename: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ============================================================================ prediction files
 
 def rank_file(folder: str, rank: int) -> str:
@@ -368,11 +358,11 @@ def collect_predictions(folder: str) -> dict[int, dict]:
 
 
 def write_predictions(folder: str, records: dict[int, dict]):
-    write_text(os.path.join(folder, "predictions.jsonl"),
+    D.write_atomic(os.path.join(folder, "predictions.jsonl"),
                "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
 
 
-def from_rank0(run: S.Run, compute):
+def from_rank0(run: M.Run, compute):
     """compute() on rank 0, its result on every rank; an error there stops every rank with
     its message (instead of leaving the others waiting)."""
     value, error = None, None
@@ -516,7 +506,7 @@ def check_output_dir(args, names: list[str]):
                          "missing images, or choose another --output-dir")
 
 
-def evaluate_dataset(args, run: S.Run, model, processor, data: D.ClassificationData,
+def evaluate_dataset(args, run: M.Run, model, processor, data: D.ClassificationData,
                      method: str) -> dict | None:
     """Predict (or finish predicting) one test split; its summary row on rank 0."""
     folder = os.path.join(args.output_dir, data.dataset)
@@ -531,7 +521,7 @@ def evaluate_dataset(args, run: S.Run, model, processor, data: D.ClassificationD
 
     skip = set(from_rank0(run, previous_work))
     todo = count - len([i for i in skip if i < count])
-    S.print0(run, f"{data.dataset}: {count} test images, {count - todo} done earlier, "
+    M.print0(run, f"{data.dataset}: {count} test images, {count - todo} done earlier, "
                   f"{todo} to predict")
     os.makedirs(folder, exist_ok=True)  # on every rank: --output-dir may not be shared
     shard = rank_file(folder, run.rank)
@@ -542,13 +532,13 @@ def evaluate_dataset(args, run: S.Run, model, processor, data: D.ClassificationD
             f.write("".join(json.dumps(r) + "\n" for r in records))
 
     bar = tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True)
-    S.barrier(run)
+    M.barrier(run)
     t0 = time.perf_counter()
     records = predict(model, processor, data, method, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, image_size=args.image_size,
                       seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
                       rank=run.rank, world_size=run.world_size, on_batch=save_batch, progress=bar)
-    S.barrier(run)
+    M.barrier(run)
     seconds = time.perf_counter() - t0
     bar.close()
     gathered = gather_to_rank0(records)
@@ -560,7 +550,7 @@ def evaluate_dataset(args, run: S.Run, model, processor, data: D.ClassificationD
         # the first `count` images are this evaluation (a longer earlier run may have done more)
         row = summarise([done[i] for i in sorted(done) if i < count])
         row.update(timing)
-    S.barrier(run)  # rank 0 has saved everything: the rank files can go
+    M.barrier(run)  # rank 0 has saved everything: the rank files can go
     os.remove(shard)
     return row
 
@@ -574,7 +564,7 @@ def accumulate_timing(folder: str, seconds: float, images: int, resume: bool) ->
             total.update(json.load(f))
     total["inference_seconds"] += seconds
     total["timed_images"] += images
-    write_text(path, json.dumps(total))
+    D.write_atomic(path, json.dumps(total))
     total["images_per_second"] = total["timed_images"] / total["inference_seconds"] \
         if total["inference_seconds"] else None
     return total
@@ -590,21 +580,21 @@ def run_evaluation(argv):
     test_sets = load_test_sets(args, names)
     check_output_dir(args, names)
 
-    run = S.join_job(args.device, args.output_dir, args.dist_timeout)
+    run = M.join_job(args.device, args.output_dir, args.dist_timeout)
     if run.is_main:
-        write_text(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
+        D.write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
     try:
         model, processor = M.load_model(args.model, run.device)
     except (OSError, ValueError) as err:  # a missing config.json is a FileNotFoundError
         raise SystemExit(f"evaluate.py: {err}") from None
-    S.print0(run, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) on "
+    M.print0(run, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) on "
                   f"{', '.join(names)} ({args.setting}), {run.world_size} process(es)")
     per_dataset = {}
     for name, data in test_sets.items():
         row = evaluate_dataset(args, run, model, processor, data, method)
         if run.is_main:
             per_dataset[name] = row
-            S.print0(run, f"{name}: accuracy {row['accuracy_paper']:.2f}% (paper rule), "
+            M.print0(run, f"{name}: accuracy {row['accuracy_paper']:.2f}% (paper rule), "
                           f"{row['accuracy_strict']:.2f}% (strict), {row['images']} images")
     if run.is_main:
         summary = dict(model=args.model, prompt=args.prompt, method=method, setting=args.setting,
@@ -653,8 +643,8 @@ def base2new_markdown(table: dict) -> str:
 
 def write_table(folder: str, name: str, table: dict, markdown: str):
     """<folder>/<name>.json and <name>.md, and the markdown on screen."""
-    write_text(os.path.join(folder, f"{name}.json"), json.dumps(table, indent=2))
-    write_text(os.path.join(folder, f"{name}.md"), markdown)
+    D.write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(table, indent=2))
+    D.write_atomic(os.path.join(folder, f"{name}.md"), markdown)
     print(markdown + f"\nwrote {folder}/{name}.json and {name}.md", flush=True)
 
 
@@ -852,7 +842,7 @@ def plot_curves(metrics_files: list[str], path: str) -> str | None:
     runs = {}
     for file in metrics_files:
         try:
-            records = read_jsonl(file)
+            records = D.read_jsonl(file)
         except (OSError, ValueError) as err:
             raise SystemExit(f"evaluate.py plot: {err}") from None
         label = os.path.basename(os.path.dirname(os.path.abspath(file)))
@@ -880,17 +870,6 @@ def plot_curves(metrics_files: list[str], path: str) -> str | None:
     plt.close(fig)
     print(f"wrote {path}")
     return path
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; expected a metrics.jsonl written by "
-                                "train_sft.py or train_grpo.py")
-    with open(path) as f:
-        try:
-            return [json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not JSON lines ({err})") from None
 
 
 def plot_main(argv):

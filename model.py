@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -556,3 +559,58 @@ class GroupScorer(nn.Module):
 
     def forward(self, prompts: PromptBatch, completion_ids: torch.Tensor, group_size: int):
         return completion_logprobs(self.model, prompts, completion_ids, group_size)
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Run:
+    """Where this process stands in the job."""
+    rank: int
+    world_size: int
+    device: torch.device
+    output_dir: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_job(device: str | None, output_dir: str, timeout_minutes: float = 30) -> Run:
+    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), else run alone.
+    `device` is the --device flag: cpu, cuda, or None for cuda when available."""
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Run(0, 1, torch.device("cuda" if cuda else "cpu"), output_dir)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    rank_device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank_device)
+    # a timeout, so a dead rank makes the others fail instead of waiting forever
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return Run(dist.get_rank(), dist.get_world_size(), rank_device, output_dir)
+
+
+def print0(run: Run, *args, **kwargs):
+    if run.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier(run: Run):
+    if run.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(run: Run, values: dict) -> dict:
+    """Sum each value over ranks (one collective for the whole dict)."""
+    if run.world_size == 1:
+        return {k: float(v) for k, v in values.items()}
+    packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=run.device)
+    dist.all_reduce(packed)
+    return dict(zip(values, packed.tolist()))
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

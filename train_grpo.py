@@ -163,15 +163,15 @@ def main(argv=None):
     warm_start_dir = os.path.join(os.path.dirname(checkpoint) if checkpoint else args.output_dir,
                                   "warm_start")
     if args.warm_start_steps and start_step == 0:
-        S.print0(run, f"held-out accuracy of the untrained model: "
+        M.print0(run, f"held-out accuracy of the untrained model: "
                       f"{S.held_out_accuracy(args, run, model, processor, test_data):.1f}%")
-        S.print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
+        M.print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
         warm = argparse.Namespace(**{**vars(args), "max_steps": args.warm_start_steps,
                                      "lr": args.warm_start_lr, "lr_schedule": "constant"})
         S.fit(warm, run, model, processor, train_data, log_name="warm_start.jsonl", checkpoints=False)
         if run.is_main:  # the reference of the GRPO that follows, also after a resume
             M.save_pretrained(model, processor, warm_start_dir)
-        S.barrier(run)
+        M.barrier(run)
     reference = None
     if args.beta:  # the weights GRPO started from, frozen, also on resume
         reference, _ = M.load_model(warm_start_dir if args.warm_start_steps else args.model, run.device)
@@ -182,8 +182,8 @@ def main(argv=None):
     B = args.batch_size
     accuracy_before = S.held_out_accuracy(args, run, model, processor, test_data) if args.demo else None
     if args.demo:
-        S.print0(run, f"held-out accuracy before GRPO: {accuracy_before:.1f}%")
-    S.print0(run, f"GRPO ({args.method}) on {args.dataset}: {len(train_data.examples)} training "
+        M.print0(run, f"held-out accuracy before GRPO: {accuracy_before:.1f}%")
+    M.print0(run, f"GRPO ({args.method}) on {args.dataset}: {len(train_data.examples)} training "
                   f"examples, {total} steps of {run.world_size * B * A} prompts x {G} completions")
     bar = tqdm(total=total, initial=start_step, desc="grpo", disable=not run.is_main, dynamic_ncols=True)
 
@@ -218,7 +218,7 @@ def main(argv=None):
                 part["old"] = M.completion_logprobs(model, part["prompts"], part["ids"], G) \
                     if mu > 1 else None
         times["reference"] = timer(run.device)
-        tokens = S.all_reduce_sum(run, {"tokens": rollout.completion_mask.sum()})["tokens"]
+        tokens = M.all_reduce_sum(run, {"tokens": rollout.completion_mask.sum()})["tokens"]
         # DDP averages gradients over ranks, so dividing each rank's sum by its own completion
         # count (or by global tokens / world size) makes the update the global-batch mean
         normaliser = B * A * G if args.loss_norm == "sequence" else tokens / run.world_size
@@ -244,7 +244,7 @@ def main(argv=None):
             grad_norm, skipped = S.optimizer_step(model, optimizer, args, update, total * mu)
             times["optimizer"] = timer(run.device)
             if skipped:
-                S.print0(run, f"step {step + 1}: non-finite gradient norm; every rank skipped the update")
+                M.print0(run, f"step {step + 1}: non-finite gradient norm; every rank skipped the update")
             record = step_record(args, run, step, iteration, sums, rewards, components, rollout,
                                  prompts, group_rewards, batch.skipped, grad_norm, skipped,
                                  S.lr_at(args, update, total * mu), times)
@@ -259,8 +259,8 @@ def main(argv=None):
     bar.close()
     if args.demo:
         after = S.held_out_accuracy(args, run, model, processor, test_data)
-        S.print0(run, f"held-out accuracy: {accuracy_before:.1f}% before GRPO, {after:.1f}% after")
-    S.print0(run, f"metrics: {args.output_dir}/metrics.jsonl")
+        M.print0(run, f"held-out accuracy: {accuracy_before:.1f}% before GRPO, {after:.1f}% after")
+    M.print0(run, f"metrics: {args.output_dir}/metrics.jsonl")
     S.finish(args, run, model, processor, t_start)
 
 
@@ -268,7 +268,7 @@ def step_record(args, run, step, iteration, sums, rewards, components, rollout, 
                 group_rewards, skipped_images, grad_norm, skipped, lr, times) -> dict:
     """One metrics.jsonl line: every number is over the whole global batch (all ranks)."""
     lengths = rollout.completion_mask.sum(1).float()  # (BAG,)
-    g = S.all_reduce_sum(run, {
+    g = M.all_reduce_sum(run, {
         **sums, "reward": rewards.sum(), "completions": len(rewards),
         **{f"reward_{name}": sum(c[name] for c in components) for name in components[0]},
         "thinking": sum(R.thinks(text) for text in rollout.texts), "length": lengths.sum(),
@@ -296,7 +296,7 @@ def step_record(args, run, step, iteration, sums, rewards, components, rollout, 
         "reference_seconds": times["reference"] - times["rollout"] if first else 0.0,
         "policy_seconds": times["policy"] - times["policy_start"],
         "optimizer_seconds": times["optimizer"] - times["policy"],
-        "peak_memory_gb": S.peak_memory_gb()}
+        "peak_memory_gb": M.peak_memory_gb()}
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def sft_batch(processor: M.Processor, labels: list[str], method: str, device):
     return ids.to(device), mask.to(device)
 
 
-def fit(args, run: "Run", model, processor, train_data, test_data=None, start_step=0,
+def fit(args, run: M.Run, model, processor, train_data, test_data=None, start_step=0,
         optimizer=None, log_name="metrics.jsonl", eval_every=0, checkpoints=True):
     """The SFT training core: returns the trained model. train_grpo.py calls it (without
     checkpoints) for its warm start. One step = `grad_accum` micro-batches of `batch_size`
@@ -88,12 +88,12 @@ def fit(args, run: "Run", model, processor, train_data, test_data=None, start_st
             loss_sum += loss.detach()
             tokens += int(target_mask.sum())
         grad_norm, skipped = optimizer_step(model, optimizer, args, step, total)
-        stats = all_reduce_sum(run, {"loss": float(loss_sum), "prompts": len(batch.texts),
+        stats = M.all_reduce_sum(run, {"loss": float(loss_sum), "prompts": len(batch.texts),
                                      "skipped_images": batch.skipped, "answer_tokens": tokens})
         record = dict(step=step + 1, loss=stats["loss"] / stats["prompts"], grad_norm=grad_norm,
                       lr=lr_at(args, step, total), skipped_update=skipped,
                       skipped_images=stats["skipped_images"], answer_tokens=int(stats["answer_tokens"]),
-                      seconds=time.perf_counter() - t0, peak_memory_gb=peak_memory_gb())
+                      seconds=time.perf_counter() - t0, peak_memory_gb=M.peak_memory_gb())
         if eval_every and test_data is not None and ((step + 1) % eval_every == 0 or step + 1 == total):
             record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data)
         log_metrics(run, log_name, record)
@@ -113,7 +113,7 @@ def main(argv=None):
     run = init_run(args)
     model, processor, optimizer, start_step = load_policy(args, run)
     train_data, test_data = load_train_test(args)
-    print0(run, f"SFT on {args.dataset} ({args.setting}, {len(train_data.examples)} training "
+    M.print0(run, f"SFT on {args.dataset} ({args.setting}, {len(train_data.examples)} training "
                 f"examples, {len(train_data.classnames)} classes), {run.world_size} process(es)")
     t0 = time.time()
     model = fit(args, run, model, processor, train_data, test_data, start_step, optimizer,
@@ -122,24 +122,6 @@ def main(argv=None):
 
 
 # ============================================================================ shared machinery
-
-@dataclass
-class Run:
-    """Where this process stands in the job."""
-    rank: int
-    world_size: int
-    device: torch.device
-    output_dir: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def print0(run: Run, *args, **kwargs):
-    if run.is_main:
-        print(*args, **kwargs, flush=True)
-
 
 def add_run_args(parser, lr: float, epochs_help: str):
     """Flags that mean the same thing in train_sft.py and train_grpo.py."""
@@ -185,27 +167,11 @@ def validate_args(args):
         raise SystemExit(f"--resume {args.resume}: no such checkpoint directory")
 
 
-def join_job(device: str | None, output_dir: str, timeout_minutes: float) -> Run:
-    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), else run alone.
-    `device` is the --device flag: cpu, cuda, or None for cuda when available. evaluate.py
-    uses it too."""
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if "RANK" not in os.environ:
-        return Run(0, 1, torch.device("cuda" if cuda else "cpu"), output_dir)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    rank_device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(rank_device)
-    # a timeout, so a dead rank makes the others fail instead of waiting forever
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
-    return Run(dist.get_rank(), dist.get_world_size(), rank_device, output_dir)
-
-
-def init_run(args) -> Run:
+def init_run(args) -> M.Run:
     """Join the job (join_job), make the output dir, save args.json, and turn SIGTERM into a
     save-then-exit request."""
     validate_args(args)
-    run = join_job(args.device, args.output_dir, args.dist_timeout)
+    run = M.join_job(args.device, args.output_dir, args.dist_timeout)
     prepare_output_dir(args, run)
     if run.is_main:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -214,7 +180,7 @@ def init_run(args) -> Run:
     return run
 
 
-def prepare_output_dir(args, run: Run):
+def prepare_output_dir(args, run: M.Run):
     """A fresh run starts fresh logs and never mixes into another run's checkpoints. Every rank
     checks (so all of them stop together on a bad directory); rank 0 alone writes."""
     demo = getattr(args, "demo", False)  # the demo's own folder is simply started over
@@ -228,7 +194,7 @@ def prepare_output_dir(args, run: Run):
         for name in ("metrics.jsonl", "warm_start.jsonl"):
             if not args.resume and os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
-    barrier(run)
+    M.barrier(run)
 
 
 _STOP = {"requested": False}
@@ -238,21 +204,12 @@ def _on_sigterm(signum, frame):
     _STOP["requested"] = True
 
 
-def stop_requested(run: Run) -> bool:
+def stop_requested(run: M.Run) -> bool:
     """Whether any rank got SIGTERM; all ranks agree, so they save and stop together."""
     flag = torch.tensor(float(_STOP["requested"]), device=run.device)
     if run.world_size > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
-
-
-def all_reduce_sum(run: Run, values: dict) -> dict:
-    """Sum each value over ranks (one collective for the whole dict)."""
-    if run.world_size == 1:
-        return {k: float(v) for k, v in values.items()}
-    packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=run.device)
-    dist.all_reduce(packed)
-    return dict(zip(values, packed.tolist()))
 
 
 def total_steps(args, num_examples: int, world_size: int) -> int:
@@ -297,7 +254,7 @@ class StepExamples:
                                self.labels[s:s + size], self.candidates[s:s + size], 0)
 
 
-def load_step_examples(run: Run, args, train_data, step: int) -> StepExamples:
+def load_step_examples(run: M.Run, args, train_data, step: int) -> StepExamples:
     """This rank's contiguous share of the step's prompts: questions built, images loaded.
 
     An unreadable image is skipped (and counted) by taking the next example instead, so the
@@ -334,7 +291,7 @@ def load_train_test(args):
     return train, test
 
 
-def load_policy(args, run: Run, model_name: str | None = None):
+def load_policy(args, run: M.Run, model_name: str | None = None):
     """The model to train (from --resume when given), its processor, the optimizer state and
     the step to start from."""
     checkpoint = find_checkpoint(args)
@@ -347,11 +304,11 @@ def load_policy(args, run: Run, model_name: str | None = None):
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
         restore_rng(os.path.join(checkpoint, f"rng_rank{run.rank}.pt"))
-        print0(run, f"resumed from {checkpoint} at step {start_step}")
+        M.print0(run, f"resumed from {checkpoint} at step {start_step}")
     return model, processor, optimizer, start_step
 
 
-def make_trainable(model, args, run: Run, optimizer, wrap: bool = True):
+def make_trainable(model, args, run: M.Run, optimizer, wrap: bool = True):
     """Training mode, optional activation checkpointing, AdamW; wrapped for DDP when distributed.
 
     Returns (scorer, optimizer): the scorer's forward is model.completion_logprobs as ONE
@@ -398,28 +355,22 @@ def optimizer_step(model, optimizer, args, step: int, total: int) -> tuple[float
     return grad_norm, skipped
 
 
-def held_out_accuracy(args, run: Run, model, processor, test_data) -> float:
-    import evaluate  # here, not at the top: evaluate.py imports this file for join_job and Run
+def held_out_accuracy(args, run: M.Run, model, processor, test_data) -> float:
+    import evaluate  # here, not at the top: evaluate.py imports this file for join_job and M.Run
     return evaluate.accuracy(model, processor, test_data, args.method, rank=run.rank,
                       world_size=run.world_size, batch_size=args.eval_batch_size,
                       max_new_tokens=getattr(args, "max_new_tokens", 64),
                       image_size=args.image_size, seed=args.seed, limit=args.eval_limit)
 
 
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def log_metrics(run: Run, name: str, record: dict):
+def log_metrics(run: M.Run, name: str, record: dict):
     """Append one JSON line (rank 0 only)."""
     if run.is_main:
         with open(os.path.join(run.output_dir, name), "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimizer,
+def save_or_stop(args, run: M.Run, step: int, total: int, model, processor, optimizer,
                  save: bool = True) -> bool:
     """After optimizer step `step` (counted from 1): checkpoint when one is due or when any rank
     got SIGTERM, and say whether to stop."""
@@ -427,12 +378,12 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
     if save and (stop or step == total or (args.save_every and step % args.save_every == 0)):
         save_checkpoint(args, run, step, model, processor, optimizer)
     if stop:
-        print0(run, f"SIGTERM: {'saved step %d and ' % step if save else ''}stopped; "
+        M.print0(run, f"SIGTERM: {'saved step %d and ' % step if save else ''}stopped; "
                     "continue with --resume latest")
     return stop
 
 
-def save_checkpoint(args, run: Run, step: int, model, processor, optimizer):
+def save_checkpoint(args, run: M.Run, step: int, model, processor, optimizer):
     """output_dir/checkpoint-000123/: a Hugging Face model directory plus trainer_state.pt
     (optimizer, step, args) and one RNG file per rank. Written into a temporary directory and
     renamed, so a crash mid-save never leaves a half checkpoint that --resume would pick."""
@@ -441,19 +392,19 @@ def save_checkpoint(args, run: Run, step: int, model, processor, optimizer):
     if run.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    barrier(run)
+    M.barrier(run)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
     if run.is_main:
         M.save_pretrained(model, processor, tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
                    os.path.join(tmp, "trainer_state.pt"))
-    barrier(run)  # every rank's RNG file is in before the rename
+    M.barrier(run)  # every rank's RNG file is in before the rename
     if run.is_main:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         for name in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
             shutil.rmtree(os.path.join(args.output_dir, name))
-    barrier(run)
+    M.barrier(run)
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -491,12 +442,7 @@ def restore_rng(path: str):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def barrier(run: Run):
-    if run.world_size > 1:
-        dist.barrier()
-
-
-def finish(args, run: Run, model, processor, t0: float):
+def finish(args, run: M.Run, model, processor, t0: float):
     """Point <output-dir>/final at the last checkpoint (unless SIGTERM cut the run short), print
     the training time and leave the process group cleanly."""
     saved = checkpoints(args.output_dir)
@@ -504,8 +450,8 @@ def finish(args, run: Run, model, processor, t0: float):
         link = os.path.join(args.output_dir, "final")
         os.symlink(saved[-1], link + ".tmp")
         os.replace(link + ".tmp", link)  # atomic, also over the link of an earlier run
-        print0(run, f"final model: {link} -> {saved[-1]}")
-    print0(run, f"training time: {(time.time() - t0) / 60:.1f} min; outputs in {args.output_dir}")
+        M.print0(run, f"final model: {link} -> {saved[-1]}")
+    M.print0(run, f"training time: {(time.time() - t0) / 60:.1f} min; outputs in {args.output_dir}")
     if run.world_size > 1:
         dist.destroy_process_group()
 

@@ -241,7 +241,7 @@ def test_an_unreadable_image_is_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setenv("CLS_RL_CACHE", str(tmp_path / "cache"))  # its own copy, to corrupt
     args = T.parse_args(FAST + ["--output-dir", str(tmp_path / "run"), "--batch-size", "2"])
     train, _ = S.load_train_test(args)
-    run = S.Run(0, 1, torch.device("cpu"), str(tmp_path / "run"))
+    run = M.Run(0, 1, torch.device("cpu"), str(tmp_path / "run"))
     first_index = S.step_picks(args, len(train.examples), 0, 1)[0][0]
     with open(train.examples[first_index].image, "wb") as f:
         f.write(b"not a png")

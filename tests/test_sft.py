@@ -89,7 +89,7 @@ def test_logged_loss_is_the_mean_hugging_face_loss_of_the_step(tmp_path):
             "--method", "cls-rl", "--output-dir", str(out)])
     args = argparse.Namespace(**json.loads((out / "args.json").read_text()))
     train, _ = S.load_train_test(args)
-    step = S.load_step_examples(S.Run(0, 1, torch.device("cpu"), str(out)), args, train, 0)
+    step = S.load_step_examples(M.Run(0, 1, torch.device("cpu"), str(out)), args, train, 0)
     model, processor = M.load_model("tiny")
     losses = []
     with torch.no_grad():
