@@ -378,6 +378,63 @@ def load_image(path: str, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
+# ----------------------------------------------------------------------------- the training stream
+
+def step_picks(seed: int, num_examples: int, step: int, global_batch: int) -> list[tuple[int, int]]:
+    """(example index, epoch) of every prompt of optimizer step `step`, for the whole job.
+
+    The training set is read as an endless stream of epochs, each a permutation seeded by
+    (seed, epoch); step s takes the next `global_batch` items. Nothing depends on the rank, so
+    the same seed and global batch give the same prompts whatever the world size.
+    """
+    picks = []
+    for k in range(step * global_batch, (step + 1) * global_batch):
+        epoch, position = divmod(k, num_examples)
+        order = list(range(num_examples))
+        random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+        picks.append((order[position], epoch))
+    return picks
+
+
+@dataclass
+class StepExamples:
+    """One rank's prompts for one optimizer step, with their images loaded."""
+    indices: list[int]
+    images: list
+    texts: list[str]
+    labels: list[str]
+    unreadable: int  # distinct unreadable image files met (each replaced by the next example)
+
+    def part(self, start: int, end: int) -> "StepExamples":
+        return StepExamples(self.indices[start:end], self.images[start:end], self.texts[start:end],
+                            self.labels[start:end], 0)
+
+
+def load_step_examples(data: ClassificationData, step: int, *, seed: int, method: str,
+                       image_size: int, rank: int, world_size: int, per_rank: int) -> StepExamples:
+    """This rank's contiguous share (`per_rank` prompts) of step `step`: questions built, images
+    loaded. An unreadable image is skipped (and reported) by taking the next example instead,
+    so the rank still has a full batch and no other rank waits for it."""
+    picks = step_picks(seed, len(data.examples), step, world_size * per_rank)
+    out, bad = StepExamples([], [], [], [], 0), set()
+    for index, epoch in picks[rank * per_rank:(rank + 1) * per_rank]:
+        for attempt in range(len(data.examples)):
+            i = (index + attempt) % len(data.examples)
+            try:
+                image = load_image(data.examples[i].image, image_size)
+                break
+            except ImageError as error:
+                if data.examples[i].image not in bad:
+                    print(f"[rank {rank}] skipping unreadable image: {error}", file=sys.stderr)
+                bad.add(data.examples[i].image)
+        else:
+            raise ValueError(f"no readable image in the {data.dataset} training set")
+        out.indices.append(i), out.images.append(image), out.labels.append(data.examples[i].classname)
+        out.texts.append(make_question(data, i, method, seed, epoch)[0])
+    out.unreadable = len(bad)
+    return out
+
+
 # ----------------------------------------------------------------------------- files and flags
 # Small helpers every script uses: atomic writes, JSON lines, flag checks, one-line errors.
 
@@ -559,8 +616,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train", choices=SPLITS, help="train or test split")
     parser.add_argument("--shots", type=int, default=4,
                         help="training images per class (paper: 4); 0 keeps them all; test ignores it")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seed of the few-shot choice and of the candidate lists")
+    parser.add_argument("--seed", type=int, default=100,
+                        help="seed of the few-shot choice and of the candidate lists (training's default)")
     parser.add_argument("--fewshot-file", default=None,
                         help="JSON file holding the few-shot choice: read if it exists, else written")
     parser.add_argument("--method", default="no-think", choices=tuple(PROMPT_SUFFIX),

@@ -26,15 +26,21 @@ that has the real special tokens and chat template, for tests and the CPU demo.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import random
 import resource
+import shutil
+import signal
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen2-VL's special tokens, in the order (and so with the relative ids) the real tokenizer has.
@@ -200,10 +206,16 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model, Processor.from_parts(tokenizer, image_processor, model.config.text_config.vocab_size)
 
 
-def save_pretrained(model, processor: Processor, path: str) -> None:
-    """Write a complete Hugging Face directory: weights, config, tokenizer + chat template, image
-    processor config. `load_model(path)` and transformers' `from_pretrained` both read it."""
-    model.save_pretrained(path)
+def save_pretrained(model, processor: Processor, path: str, state_dict: dict | None = None) -> None:
+    """Write a complete Hugging Face directory: weights (`state_dict` when given, in its dtype),
+    config, tokenizer + chat template, image processor config. `load_model(path)` and
+    transformers' `from_pretrained` both read it."""
+    model.save_pretrained(path, state_dict=state_dict)
+    if state_dict is not None:  # the config names the dtype the weights are stored in
+        saved, model.config.dtype = model.config.dtype, next(
+            v.dtype for v in state_dict.values() if v.is_floating_point())
+        model.config.save_pretrained(path)
+        model.config.dtype = saved
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
 
@@ -443,37 +455,43 @@ class _TokenLogprobs(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] per row, a chunk of rows at a time.
 
     Only (chunk, V) logits exist at once, in forward AND backward (recomputed there), instead of
-    the (N, V) logits, their fp32 copy and the softmax that autograd would otherwise keep.
+    the (N, V) logits, their fp32 copy and the softmax that autograd would otherwise keep. The
+    matmuls run in bf16 inside a bf16 autocast region (backward runs outside any region, so the
+    dtype is fixed in forward and used again there); softmax and sums are fp32 (fp64 stays).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = torch.promote_types(compute, torch.float32)  # bf16 -> fp32, fp64 stays
+        h, w = hidden.to(compute), weight.to(compute)
         logprobs = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)  # (N,)
         lse = torch.empty_like(logprobs)
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s:s + chunk_size] @ weight.T).to(dtype)  # (n, V)
+        for s in range(0, h.shape[0], chunk_size):
+            logits = (h[s:s + chunk_size] @ w.T).to(dtype)  # (n, V)
             lse[s:s + chunk_size] = logits.logsumexp(-1)
             logprobs[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
         logprobs -= lse
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.compute = chunk_size, compute
         return logprobs
 
     @staticmethod
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, lse = ctx.saved_tensors
+        h_all, w = hidden.to(ctx.compute), weight.to(ctx.compute)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None  # (V, H), accumulated in fp32 (fp64 for fp64 inputs) over chunks
         for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h, g = hidden[s:s + ctx.chunk_size], grad_logprobs[s:s + ctx.chunk_size]
-            probs = ((h @ weight.T).to(lse.dtype) - lse[s:s + ctx.chunk_size, None]).exp_()  # (n, V)
+            h, g = h_all[s:s + ctx.chunk_size], grad_logprobs[s:s + ctx.chunk_size]
+            probs = ((h @ w.T).to(lse.dtype) - lse[s:s + ctx.chunk_size, None]).exp_()  # (n, V)
             # d logp[target] / d logits = onehot(target) - softmax
             grad_logits = probs.mul_(-g[:, None])
             grad_logits[torch.arange(len(h), device=h.device), targets[s:s + ctx.chunk_size]] += g
-            grad_logits = grad_logits.to(hidden.dtype)
+            grad_logits = grad_logits.to(ctx.compute)
             if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk_size] = grad_logits @ weight
+                grad_hidden[s:s + ctx.chunk_size] = grad_logits @ w
             if ctx.needs_input_grad[1]:
                 chunk_grad = (grad_logits.T @ h).to(lse.dtype)  # a no-op cast for fp32
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
@@ -614,3 +632,152 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- stopping together
+
+_SIGNAL = {"number": 0, "handlers": {}}  # the last TERM / INT received (0: none), the old handlers
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) no longer kill the process: they
+    ask it to stop at the next step boundary, where every rank saves and exits together."""
+    def request_stop(signum, frame):
+        _SIGNAL["number"] = signum
+    _SIGNAL["number"] = 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        _SIGNAL["handlers"][signum] = signal.signal(signum, request_stop)
+
+
+def release_stop_signals():
+    """The handlers from before catch_stop_signals (a finished run in a longer process)."""
+    for signum, handler in _SIGNAL["handlers"].items():
+        signal.signal(signum, handler)
+    _SIGNAL["handlers"].clear()
+
+
+def stop_signal(run: Run) -> int:
+    """The signal any rank received (0 if none), agreed by all ranks: one rank's preemption
+    stops the whole job at the same step."""
+    number = torch.tensor(float(_SIGNAL["number"]), device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    return int(number)
+
+
+# ----------------------------------------------------------------------------- training
+
+def default_precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def compute_context(precision: str, device: torch.device):
+    """Where the forward and backward math of `--precision bf16` happens: autocast to bf16 over
+    fp32 weights. Autocast keeps the bf16 copy of every weight that requires grad for the life
+    of its outermost region, so one region around a whole rollout casts each weight ONCE, not
+    once per decode step. `fp32`: plain fp32 math."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_checkpointing: bool):
+    """Training mode, optional activation checkpointing, DDP when distributed, AdamW.
+
+    The weights stay in fp32 whatever the precision: they are the master copy that AdamW
+    updates (a 1e-6 step applied to bf16 weights would round away), and their gradients and
+    AdamW's moments are fp32 too. Returns (scorer, optimizer): the scorer's forward is
+    completion_logprobs as ONE module call, which is what DDP needs to sync every gradient.
+    """
+    model.train()
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = GroupScorer(model)
+    if run.world_size > 1:
+        scorer = DDP(scorer, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=weight_decay, fused=run.device.type == "cuda")
+    return scorer, optimizer
+
+
+def sync_gradients(scorer, last: bool):
+    """DDP averages gradients across ranks only on the last micro-step of an optimizer step;
+    the earlier ones just accumulate locally (syncing each would cost a full all-reduce)."""
+    return nullcontext() if last or not isinstance(scorer, DDP) else scorer.no_sync()
+
+
+def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[float, bool]:
+    """Clip and step; a non-finite gradient norm skips the update.
+
+    After DDP's all-reduce every rank holds the same gradients, so every rank sees the same
+    norm and skips (or not) together. Returns (grad norm, skipped).
+    """
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str, run: Run, model, processor: Processor, optimizer, state: dict,
+                    precision: str):
+    """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
+    --precision bf16, as the hub ships Qwen2-VL), trainer_state.pt (`state`, the optimizer, and
+    under bf16 the fp32 master weights, so a resume never re-rounds them) and one RNG file per
+    rank. Written into path.tmp and renamed: a crash mid-save never leaves a half checkpoint."""
+    tmp = path + ".tmp"
+    try:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier(run)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
+        if run.is_main:
+            weights = model.state_dict()
+            if precision == "bf16":
+                state = {**state, "master_weights": weights}
+                weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                           for k, v in weights.items()}
+            save_pretrained(model, processor, tmp, weights)
+            torch.save({**state, "optimizer": optimizer.state_dict()},
+                       os.path.join(tmp, "trainer_state.pt"))
+        barrier(run)  # every rank's RNG file is in before the rename
+        if run.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    except OSError as err:  # a full disk: say which checkpoint could not be written
+        raise OSError(f"could not write checkpoint {path}: {err}") from err
+    barrier(run)
+
+
+def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
+    """Restore the fp32 weights (the master copy when the checkpoint has one), the optimizer
+    and this rank's RNG from a save_checkpoint directory; returns the saved state."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=run.device,
+                       weights_only=False)
+    if "master_weights" in state:
+        model.load_state_dict(state.pop("master_weights"))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
+    if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict):
+    random.setstate(state["python"]), np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

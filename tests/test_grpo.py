@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import data as D
 import model as M
 import train_grpo as T
 import train_sft as S
@@ -134,11 +135,13 @@ def test_short_run_of_each_method(method, tmp_path):
         assert r["reward"] == pytest.approx(r["reward_accuracy"] + (r["reward_format"] or 0)
                                             if method != "no-think" else r["reward_accuracy"])
         assert 1 <= r["completion_length_min"] <= r["completion_length"] <= r["completion_length_max"] <= 6
-        assert r["kl"] >= 0 and 0 <= r["clip_fraction"] <= 1 and 0 <= r["zero_spread_groups"] <= 1
+        assert r["kl"] >= 0 and 0 <= r["clip_fraction"] <= 1 and 0 <= r["zero_spread_share"] <= 1
         assert math.isfinite(r["grad_norm"]) and not r["skipped_update"]
         for key in ("tokens_per_second", "rollout_seconds", "reference_seconds", "policy_seconds",
-                    "optimizer_seconds", "peak_memory_gb", "think_share", "format_rate", "lr"):
+                    "optimizer_seconds", "peak_memory_gb", "think_share", "lr", "unreadable_images"):
             assert key in r
+        assert ("reward_format" in r) == (method != "no-think")
+        assert "accuracy" not in r and "format_rate" not in r  # one name per number
     assert records[0]["kl"] == 0  # the first update starts from the reference weights
     assert json.loads((out / "args.json").read_text())["method"] == method
     assert (out / "final").resolve() == (out / "checkpoint-000002").resolve()
@@ -160,7 +163,7 @@ def test_rollout_reuse_and_token_normalisation(tmp_path, warm_tiny):
     assert second["clip_fraction"] > 0 and second["rollout_seconds"] == 0
     assert first["reward"] == second["reward"]  # the same rollout, scored twice
     assert records[1]["lr"] < records[0]["lr"]  # the schedule counts updates, not rollouts
-    assert first["zero_spread_groups"] < 1  # that rollout carried a signal
+    assert first["zero_spread_share"] < 1  # that rollout carried a signal
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, warm_tiny):
@@ -179,7 +182,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, warm_ti
     assert max_difference(two, one) < 1e-5
     assert max_difference(one, weights(tmp_path / "one/warm_start")) > 1e-4  # GRPO moved them
     a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
-    assert max(r["zero_spread_groups"] for r in b) < 1  # every step had groups with a signal
+    assert max(r["zero_spread_share"] for r in b) < 1  # every step had groups with a signal
     for key in ("reward", "completion_length", "kl", "loss", "grad_norm"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
 
@@ -202,25 +205,28 @@ def test_resume_continues_exactly(tmp_path, warm_tiny):
     assert optimizer["state"][0]["step"] == 4  # AdamW's moments came through the checkpoint
 
 
-def test_sigterm_saves_then_stops_and_resume_finishes(tmp_path):
-    args = FAST + ["--method", "no-think", "--max-steps", "200", "--batch-size", "2",
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_stops_non_zero_and_resume_finishes(tmp_path, signum):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) alike: save, exit non-zero, no `final` link;
+    --resume latest then finishes the same run."""
+    args = FAST + ["--method", "no-think", "--max-steps", "40", "--batch-size", "2",
                    "--num-generations", "2", "--output-dir", "run"]
     process = launch(ROOT / "train_grpo.py", args, tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "run/metrics.jsonl").exists():
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+    process.send_signal(signum)
     out, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, out[-3000:]
-    assert "SIGTERM" in out
+    assert process.returncode == 128 + signum, out[-3000:]
+    assert signal.Signals(signum).name in out
     saved = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert len(saved) == 1 and not saved[0].endswith(".tmp")
     assert not (tmp_path / "run/final").exists()  # a stopped run has no final model yet
     steps = len(metrics(tmp_path / "run"))
-    assert saved[0] == f"checkpoint-{steps:06d}" and steps < 200
-    run_script(ROOT / "train_grpo.py", args[:-6] + ["--max-steps", str(steps + 1), "--batch-size",
-               "2", "--num-generations", "2", "--output-dir", "run", "--resume", "latest"], tmp_path)
-    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, steps + 2))
+    assert saved[0] == f"checkpoint-{steps:06d}" and steps < 40
+    run_script(ROOT / "train_grpo.py", args + ["--resume", "latest"], tmp_path)
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 41))
+    assert (tmp_path / "run/final").resolve().name == "checkpoint-000040"
 
 
 def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, warm_tiny):
@@ -231,7 +237,7 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, warm_tiny):
     assert "update skipped" in out or "skipped the update" in out
     first, second = metrics(tmp_path / "run")
     assert first["skipped_update"] and not math.isfinite(first["grad_norm"])
-    assert not second["skipped_update"] and second["zero_spread_groups"] < 1
+    assert not second["skipped_update"] and second["zero_spread_share"] < 1
     after_first = weights(tmp_path / "run/checkpoint-000001")
     assert max_difference(after_first, weights(warm_tiny)) == 0
     assert max_difference(weights(tmp_path / "run/checkpoint-000002"), after_first) > 0
@@ -241,26 +247,31 @@ def test_an_unreadable_image_is_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setenv("CLS_RL_CACHE", str(tmp_path / "cache"))  # its own copy, to corrupt
     args = T.parse_args(FAST + ["--output-dir", str(tmp_path / "run"), "--batch-size", "2"])
     train, _ = S.load_train_test(args)
-    run = M.Run(0, 1, torch.device("cpu"), str(tmp_path / "run"))
-    first_index = S.step_picks(args, len(train.examples), 0, 1)[0][0]
+    first_index = D.step_picks(args.seed, len(train.examples), 0, 4)[0][0]
     with open(train.examples[first_index].image, "wb") as f:
         f.write(b"not a png")
-    batch = S.load_step_examples(run, args, train, 0)
-    assert batch.skipped == 1 and len(batch.images) == 4
+    batch = D.load_step_examples(train, 0, seed=args.seed, method=args.method,
+                                 image_size=args.image_size, rank=0, world_size=1, per_rank=4)
+    assert batch.unreadable == 1 and len(batch.images) == 4
     assert batch.indices[0] == (first_index + 1) % len(train.examples)
 
 
 def test_step_picks_cover_each_epoch_once_in_a_seeded_order():
-    args = T.parse_args(FAST + ["--batch-size", "2", "--grad-accum", "2"])
     n = 10
-    picks = [p for step in range(5) for p in S.step_picks(args, n, step, world_size=1)]  # 20 = 2 epochs
+    picks = [p for step in range(5) for p in D.step_picks(100, n, step, 4)]  # 20 = 2 epochs
     assert sorted(i for i, epoch in picks if epoch == 0) == list(range(n))
     assert sorted(i for i, epoch in picks if epoch == 1) == list(range(n))
     assert [i for i, _ in picks[:n]] != [i for i, _ in picks[n:]]  # reshuffled per epoch
-    # world size 2 with half the accumulation: the same prompts in the same order
-    two = [p for step in range(5) for p in S.step_picks(
-        T.parse_args(FAST + ["--batch-size", "2", "--grad-accum", "1"]), n, step, world_size=2)]
-    assert two == picks
+
+
+def test_two_ranks_read_the_global_batch_one_process_reads():
+    """World size 2 with half the accumulation: the same prompts, questions and order."""
+    train = D.load_data("demo", None, "fewshot", "train", 2, 100)
+    settings = dict(seed=100, method="cls-rl", image_size=56)
+    one = D.load_step_examples(train, 3, rank=0, world_size=1, per_rank=4, **settings)
+    two = [D.load_step_examples(train, 3, rank=r, world_size=2, per_rank=2, **settings) for r in (0, 1)]
+    assert two[0].indices + two[1].indices == one.indices
+    assert two[0].texts + two[1].texts == one.texts and len(set(one.texts)) == 4
 
 
 def test_demo_learns(tmp_path):

@@ -89,7 +89,8 @@ def test_logged_loss_is_the_mean_hugging_face_loss_of_the_step(tmp_path):
             "--method", "cls-rl", "--output-dir", str(out)])
     args = argparse.Namespace(**json.loads((out / "args.json").read_text()))
     train, _ = S.load_train_test(args)
-    step = S.load_step_examples(M.Run(0, 1, torch.device("cpu"), str(out)), args, train, 0)
+    step = D.load_step_examples(train, 0, seed=args.seed, method=args.method,
+                                image_size=args.image_size, rank=0, world_size=1, per_rank=4)
     model, processor = M.load_model("tiny")
     losses = []
     with torch.no_grad():
@@ -115,7 +116,7 @@ def test_short_run_lowers_the_loss_and_raises_held_out_accuracy(tmp_path):
     settings = dict(batch_size=50, max_new_tokens=64, image_size=56, seed=100)
     before = E.accuracy(*M.load_model("tiny"), test, "no-think", **settings)
     after = records[-1]["test_accuracy"]
-    assert after >= before + 20, (before, after)
+    assert after >= before + 0.2, (before, after)  # fractions
     # the logged number is what evaluate.py gives for the saved checkpoint
     assert E.accuracy(*M.load_model(str(out / "checkpoint-000048")), test, "no-think",
                       **settings) == after
