@@ -2,7 +2,7 @@
 
     python bench.py --preset cpu                                   # ~2 min on 2 cores
     python bench.py --preset 2b                                    # one GPU: real-size Qwen2-VL-2B
-    python bench.py --preset 2b --device cpu --dtype float32 --layers 2 --vision-layers 2 \
+    python bench.py --preset 2b --device cpu --precision fp32 --layers 2 --vision-layers 2 \
         --configs 4x8 --groups 2 --repeats 1                      # the 2b code path, on CPU
 
 Both paths use the same model, weights (random, built from a config: no download) and prompts,
@@ -50,21 +50,22 @@ PRESETS = {
                           num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12]),
                 vision=dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
                 image=224, text_tokens=220, groups=2, configs=["4x8", "8x8", "4x128", "8x128"],
-                device="cpu", dtype="float32", repeats=2),
+                device="cpu", precision="fp32", repeats=2),
     # Qwen2-VL-2B (docs/method.md section 9); 384x384 images (196 tokens) and an ImageNet-style
     # question listing 100 class names (~540 text tokens, our estimate for Qwen's tokenizer)
     "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24]),
                vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
                image=384, text_tokens=540, groups=4, configs=["4x8", "8x8", "4x256", "8x256"],
-               device="cuda", dtype="bfloat16", repeats=3),
+               device="cuda", precision="bf16", repeats=3),
 }
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 IMAGENET_GROUPS = 40_000  # 1,000 classes x 4 shots x 10 epochs
 
 
-def build_models(preset: dict, layers, vision_layers, device, dtype):
-    """Policy and frozen reference with the same random weights, and a Processor for our path."""
+def build_models(preset: dict, layers, vision_layers, device, precision: str):
+    """Policy and frozen reference with the same random weights, and a Processor for our path.
+    As in training: the policy holds fp32 (master) weights, the reference bf16 under bf16."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     text = dict(preset["text"])
@@ -85,8 +86,9 @@ def build_models(preset: dict, layers, vision_layers, device, dtype):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        policy = Qwen2VLForConditionalGeneration(config).to(dtype)
-        reference = Qwen2VLForConditionalGeneration(config).to(dtype)
+        policy = Qwen2VLForConditionalGeneration(config).float()
+        reference = Qwen2VLForConditionalGeneration(config).to(
+            torch.bfloat16 if precision == "bf16" else torch.float32)
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False).eval()
     blocked = [i for i in range(PAD, VOCAB) if i != IM_END]  # specials and unused ids
@@ -101,7 +103,7 @@ class _NoText:
         return ""
 
 
-def make_prompts(preset: dict, groups: int, device, dtype) -> M.PromptBatch:
+def make_prompts(preset: dict, groups: int, device) -> M.PromptBatch:
     """`groups` chat prompts: system turn, image, question text, assistant header (lengths differ
     by a few tokens, so left padding is exercised). Pixels are random: cost does not depend on them."""
     g = torch.Generator().manual_seed(0)
@@ -113,7 +115,7 @@ def make_prompts(preset: dict, groups: int, device, dtype) -> M.PromptBatch:
         text = torch.randint(0, PAD, (preset["text_tokens"] + 3 * b,), generator=g).tolist()
         rows.append([IM_START] + text[:20] + [IM_END, IM_START] + [VISION_START] + [IMAGE_PAD] * n_image
                     + [VISION_END] + text[20:] + [IM_END, IM_START, 77091, 198])
-    pixel_values = torch.randn(groups * grid[1] * grid[2], 1176, generator=g).to(dtype)
+    pixel_values = torch.randn(groups * grid[1] * grid[2], 1176, generator=g)  # fp32, as build_prompts
     return M.pad_prompts(rows, torch.tensor([grid] * groups), pixel_values, PAD, IMAGE_PAD, 2, device)
 
 
@@ -205,13 +207,15 @@ class PeakMemory:
         return self.peak / 2**30
 
 
-def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length, device) -> Phases:
-    """One GRPO step over all prompt groups of `prompts`, phase by phase, on `path`."""
+def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length, device,
+              precision: str) -> Phases:
+    """One GRPO step over all prompt groups of `prompts`, phase by phase, on `path`; the math in
+    the training's precision (bf16: autocast over the fp32 policy, as train_grpo.py)."""
     B = prompts.input_ids.shape[0]
     phases = Phases()
     with PeakMemory(device) as memory:
         t0 = T.timer(device)
-        with torch.no_grad():
+        with torch.no_grad(), M.compute_context(precision, device):
             policy.eval()
             if path == "naive":
                 completions = naive_rollout(policy, processor, prompts, G, length)
@@ -223,16 +227,17 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
         t1 = T.timer(device)
         groups = [(M.slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
         score = naive_logprobs if path == "naive" else M.completion_logprobs
-        with torch.no_grad():
+        with torch.no_grad(), M.compute_context(precision, device):
             ref = [score(reference, p, c, G) for p, c in groups]
         t2 = T.timer(device)
         policy.train()
         advantages = torch.randn(B, G, generator=torch.Generator().manual_seed(1)).to(device)
         for (p, c), ref_logprobs, adv in zip(groups, ref, advantages):
-            logprobs = score(policy, p, c, G)
-            loss, _ = T.grpo_loss(logprobs, logprobs.detach(), ref_logprobs, adv,
-                                  torch.ones_like(c), beta=0.04, epsilon=0.2,
-                                  loss_norm="sequence", normaliser=B * G)
+            with M.compute_context(precision, device):
+                logprobs = score(policy, p, c, G)
+                loss, _ = T.grpo_loss(logprobs, logprobs.detach(), ref_logprobs, adv,
+                                      torch.ones_like(c), beta=0.04, epsilon=0.2,
+                                      loss_norm="sequence", normaliser=B * G)
             loss.backward()
         t3 = T.timer(device)
         optimizer.step()
@@ -241,6 +246,30 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
     phases.rollout, phases.reference, phases.policy, phases.optimizer = t1 - t0, t2 - t1, t3 - t2, t4 - t3
     phases.peak_gb = memory.gb
     return phases
+
+
+def rollout_by_precision(policy, processor, prompts, G: int, length: int, device, repeats: int) -> dict:
+    """Seconds of our rollout (all groups) in fp32, in bf16 with one autocast region around the
+    whole rollout (train_grpo.py: each weight cast to bf16 once), and in bf16 with the weights
+    cast again at every decode step (what a region per forward call would cost)."""
+    def recast(module, args, kwargs):
+        torch.clear_autocast_cache()  # drop the cached bf16 weights: the next forward recasts
+    seeds = list(range(prompts.input_ids.shape[0]))
+    times = {}
+    for name, precision, per_step in (("fp32", "fp32", False), ("bf16", "bf16", False),
+                                      ("bf16_recast_per_step", "bf16", True)):
+        hook = policy.register_forward_pre_hook(recast, with_kwargs=True) if per_step else None
+        runs = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t0 = T.timer(device)
+            with M.compute_context(precision, device):
+                M.sample_groups(policy, processor, prompts, G, length, 1.0, seeds=seeds,
+                                min_new_tokens=length)
+            runs.append(T.timer(device) - t0)
+        if hook is not None:
+            hook.remove()
+        times[name] = statistics.median(runs[1:])
+    return times
 
 
 def median_phases(runs: list[Phases]) -> Phases:
@@ -260,47 +289,50 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="override the language model's depth")
     parser.add_argument("--vision-layers", type=int, default=None, help="override the vision tower's depth")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+    parser.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                         help="weights and activations (default: the preset's)")
+    parser.add_argument("--precision-rollout", default="4x64", metavar="GxT",
+                        help="the rollout timed in fp32, in bf16, and in bf16 recasting every step")
     parser.add_argument("--json", default=None, help="also write the results here, one record per configuration")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     device = torch.device(args.device or preset["device"])
-    dtype = getattr(torch, args.dtype or preset["dtype"])
+    precision = args.precision or preset["precision"]
     groups = args.groups or preset["groups"]
     repeats = args.repeats or preset["repeats"]
     configs = [tuple(map(int, c.split("x"))) for c in (args.configs or ",".join(preset["configs"])).split(",")]
 
-    policy, reference, processor = build_models(preset, args.layers, args.vision_layers, device, dtype)
+    policy, reference, processor = build_models(preset, args.layers, args.vision_layers, device, precision)
     n_params = sum(p.numel() for p in policy.parameters())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0, fused=device.type == "cuda")
-    prompts = make_prompts(preset, groups, device, dtype)
+    prompts = make_prompts(preset, groups, device)
     P = int(prompts.attention_mask.sum(1).float().mean())
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if device.type == "cuda" else None
     import transformers
     print(f"bench: preset {args.preset}, {n_params / 1e6:.1f} M parameters "
           f"({policy.config.text_config.num_hidden_layers} text / {policy.config.vision_config.depth} "
-          f"vision layers), {dtype}, {name}; torch {torch.__version__}, transformers "
+          f"vision layers), {precision} precision, {name}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}; {groups} prompt groups of ~{P} tokens per step")
     header = (f"{'config':<16}{'path':<7}{'rollout':>9}{'reference':>11}{'policy':>9}{'optim':>8}"
               f"{'total':>9}  {'tokens/s':>9}{'peak GB':>9}" + ("  MFU roll/ref/policy" if peak else ""))
     print("seconds per prompt group\n" + header)
     records = []
     for path in ("naive", "ours"):  # warm-up: first-call allocations, kernel selection
-        grpo_step(path, policy, reference, processor, optimizer, prompts, 2, 4, device)
+        grpo_step(path, policy, reference, processor, optimizer, prompts, 2, 4, device, precision)
     for G, length in configs:
         label = f"G={G} T={length}"
         result = {}
         for path in ("naive", "ours"):
             result[path] = median_phases([grpo_step(path, policy, reference, processor, optimizer,
-                                                    prompts, G, length, device) for _ in range(repeats)])
+                                                    prompts, G, length, device, precision)
+                                          for _ in range(repeats)])
         # token positions each path runs through the language model, per prompt group
         positions = {"naive": dict(rollout=G * (P + length), reference=G * (P + length)),
                      "ours": dict(rollout=P + G * length, reference=P + G * length)}
         record = dict(preset=args.preset, config=label, G=G, completion_tokens=length,
                       groups=groups, prompt_tokens=P, parameters=n_params, device=name,
-                      dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__)
+                      precision=precision, torch=torch.__version__, transformers=transformers.__version__)
         for path in ("naive", "ours"):
             ph = result[path]
             per = {k: getattr(ph, k) / groups for k in ("rollout", "reference", "policy", "optimizer", "total")}
@@ -329,6 +361,13 @@ def main(argv=None):
             print(f"{'':<16}projected ImageNet run (40,000 groups, one {name.split(',')[0]}): "
                   f"naive {record['naive']['imagenet_minutes']:.0f} min, ours {record['ours']['imagenet_minutes']:.0f} min")
         records.append(record)
+    G, length = map(int, args.precision_rollout.split("x"))
+    times = rollout_by_precision(policy, processor, prompts, G, length, device, repeats)
+    print(f"\nour rollout of {groups} groups, G={G} T={length}, seconds: " + ", ".join(
+          f"{k} {v:.3f}" for k, v in times.items()) + f"; bf16 recast per step / one region: "
+          f"{times['bf16_recast_per_step'] / times['bf16']:.2f}x")
+    records.append(dict(preset=args.preset, config=f"rollout G={G} T={length}", groups=groups,
+                        device=name, rollout_seconds=times))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

@@ -12,8 +12,8 @@ import model as M
 def small():
     """The CPU preset cut to one layer each, with its real 151,936-token vocabulary."""
     preset = bench.PRESETS["cpu"]
-    policy, reference, processor = bench.build_models(preset, 1, 1, torch.device("cpu"), torch.float32)
-    prompts = bench.make_prompts(preset, 2, "cpu", torch.float32)
+    policy, reference, processor = bench.build_models(preset, 1, 1, torch.device("cpu"), "fp32")
+    prompts = bench.make_prompts(preset, 2, "cpu")
     return preset, policy, reference, processor, prompts
 
 
@@ -55,7 +55,8 @@ def test_slice_prompts_keeps_each_rows_inputs(small):
 def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     records = bench.main(["--preset", "cpu", "--layers", "1", "--vision-layers", "1", "--configs", "2x4",
-                          "--groups", "1", "--repeats", "1", "--json", str(out)])
+                          "--groups", "1", "--repeats", "1", "--precision", "bf16",
+                          "--precision-rollout", "2x3", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(records))
     record = saved[0]
@@ -65,3 +66,12 @@ def test_bench_runs_and_writes_json(tmp_path):
             record[path][f"{k}_s"] for k in ("rollout", "reference", "policy", "optimizer")))
         assert record[path]["imagenet_minutes"] == pytest.approx(40_000 * record[path]["total_s"] / 60)
     assert record["ratio"]["total"] == pytest.approx(record["naive"]["total_s"] / record["ours"]["total_s"])
+    assert record["precision"] == "bf16"
+    rollout = saved[-1]["rollout_seconds"]
+    assert set(rollout) == {"fp32", "bf16", "bf16_recast_per_step"} and min(rollout.values()) > 0
+
+
+def test_bf16_bench_models_are_fp32_masters_and_a_bf16_reference():
+    policy, reference, _ = bench.build_models(bench.PRESETS["cpu"], 1, 1, torch.device("cpu"), "bf16")
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}

@@ -11,7 +11,7 @@ def readme_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    install_and_test = readme_commands()[1]
+    install_and_test = readme_commands()[2]
     test_command = install_and_test.split("&&", 1)[1].strip()
     ci_lines = [l.strip() for l in (ROOT / ".ci/run").read_text().splitlines()]
     assert test_command in ci_lines, f"{test_command!r} is not a line of .ci/run"
@@ -22,5 +22,6 @@ def test_ci_installs_the_requirements_and_the_cpu_torch():
     assert "torch==2.13.0" in ci and "-r requirements.txt pytest" in ci
 
 
-def test_demo_command_is_first():
-    assert readme_commands()[0].endswith("python train_grpo.py")
+def test_demo_command_follows_the_torch_install():
+    assert readme_commands()[0].startswith("pip install torch ")
+    assert readme_commands()[1].endswith("python train_grpo.py")
