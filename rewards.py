@@ -37,7 +37,7 @@ _ANSWER_THEN_REASON = re.compile(r"<answer>.*?</answer>\s*<reason>.*?</reason>",
 # A block body holding no think/answer tag, so no tag can hide inside another block.
 _BODY = r"(?:(?!</?(?:think|answer)>).)*"
 _ADAPTIVE = re.compile(rf"(?:<think>{_BODY}</think>\s*)?<answer>{_BODY}</answer>", re.DOTALL)
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TRAIN_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: one line only
 _EVAL_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 
@@ -188,6 +188,15 @@ def thinks(completion: str) -> bool:
     (False, False)
     """
     return _THINK_BLOCK.search(completion) is not None
+
+
+def think_text(completion: str) -> str:
+    """The text inside the completion's closed think blocks, joined by spaces.
+
+    >>> think_text("<think>fur</think> and <think>whiskers</think><answer>cat</answer>")
+    'fur whiskers'
+    """
+    return " ".join(_THINK_BLOCK.findall(completion))
 
 
 def extract_answer(completion: str) -> str:
