@@ -32,14 +32,21 @@ import random
 import resource
 import shutil
 import signal
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -185,6 +192,10 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         model = model.to(device=device, dtype=dtype)
         image_processor = Qwen2VLImageProcessorPil()
     else:
+        name = os.path.expanduser(name)
+        if not os.path.exists(name) and (name.startswith(("/", ".")) or name.count("/") > 1):
+            raise FileNotFoundError(f"--model {name}: no such directory; expected a local Hugging "
+                                    "Face model directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise FileNotFoundError(
                 f"--model {name}: the directory has no config.json; expected a Hugging Face model "
@@ -569,14 +580,16 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
 
 class GroupScorer(nn.Module):
     """`completion_logprobs` as a module, so one DDP-wrapped forward covers the whole scoring
-    (vision tower, shared-prefix forward, chunked log-softmax) and DDP syncs every gradient."""
+    (vision tower, shared-prefix forward, chunked log-softmax) and DDP syncs every gradient.
+    Under FSDP it is the root unit, so the output layer's weight is gathered for its forward."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, prompts: PromptBatch, completion_ids: torch.Tensor, group_size: int):
-        return completion_logprobs(self.model, prompts, completion_ids, group_size)
+        # not a view (FSDP warns of in-place ops on a view: they would skip its backward hook)
+        return completion_logprobs(self.model, prompts, completion_ids, group_size).clone()
 
 
 # ----------------------------------------------------------------------------- processes
@@ -681,8 +694,10 @@ def compute_context(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_checkpointing: bool):
-    """Training mode, optional activation checkpointing, DDP when distributed, AdamW.
+def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_checkpointing: bool,
+                     fsdp: bool = False, precision: str = "fp32"):
+    """Training mode, optional activation checkpointing, DDP when distributed (or FSDP2 with
+    `fsdp`, see `shard`), AdamW.
 
     The weights stay in fp32 whatever the precision: they are the master copy that AdamW
     updates (a 1e-6 step applied to bf16 weights would round away), and their gradients and
@@ -692,17 +707,81 @@ def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_check
     model.train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scorer = GroupScorer(model)
-    if run.world_size > 1:
-        scorer = DDP(scorer, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=weight_decay, fused=run.device.type == "cuda")
-    return scorer, optimizer
+    if fsdp:
+        scorer = shard(model, run, precision)
+    else:
+        scorer = GroupScorer(model)
+        if run.world_size > 1:
+            # gradients as views into DDP's all-reduce buckets: no second gradient-sized buffer
+            scorer = DDP(scorer, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                         gradient_as_bucket_view=True)
+    return scorer, new_optimizer(model, run, lr, weight_decay)
+
+
+def new_optimizer(model, run: Run, lr: float, weight_decay: float):
+    """AdamW over the model's parameters (under FSDP, this rank's fp32 shards of them)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=weight_decay, fused=run.device.type == "cuda")
+
+
+def shard(model, run: Run, precision: str, frozen: bool = False) -> GroupScorer:
+    """`--fsdp`: torch's FSDP2 over all ranks, instead of a full copy of everything per rank.
+
+    Each decoder layer and each vision block is one unit, all-gathered just before it runs
+    (forward, and again in backward) and freed after; the GroupScorer is the root unit, which
+    holds the rest (embedding and output layer, tied in 2B, final norm, patch embedding,
+    merger) from its forward to the end of backward. A rank keeps 1/world_size of every weight,
+    gradient and AdamW moment, all fp32. Under bf16 the MixedPrecisionPolicy gathers weights in
+    bf16 for the math and reduces gradients in fp32, the semantics of autocast over fp32 masters
+    under DDP; fp32: everything fp32. `frozen` (the KL reference, never backpropagated): the root
+    frees its weights after each forward too."""
+    mesh = init_device_mesh(run.device.type, (run.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+    for block in (*model.model.language_model.layers, *model.model.visual.blocks):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(GroupScorer(model), mesh=mesh, mp_policy=policy,
+                       reshard_after_forward=True if frozen else None)
+
+
+def sharded(model) -> bool:
+    """Whether FSDP (`shard`) manages the model's weights."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def full_weights(scorer):
+    """The whole policy gathered ONCE for work that calls the bare model many times (a rollout's
+    decode steps, held-out evaluation), and freed after. Under FSDP a layer's every forward
+    would otherwise all-gather its weights and free them again: a 1024-token rollout would
+    gather the whole model 1024 times. Nothing to do without FSDP (or for scorer None)."""
+    if not isinstance(scorer, FSDPModule):
+        yield
+        return
+    # FSDP makes the module whose forward runs first its root; a rollout calls the layers
+    # first, so settle now that the scorer is the root (torch has no public call for this)
+    scorer._get_fsdp_state()._lazy_init()
+    units = [m for m in scorer.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()  # one all-gather per unit, in bf16 under bf16 precision
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # as fully_shard set it: the root keeps its weights from forward to backward
+            unit.set_reshard_after_forward(unit is not scorer, recurse=False)
 
 
 def sync_gradients(scorer, last: bool):
     """DDP averages gradients across ranks only on the last micro-step of an optimizer step;
-    the earlier ones just accumulate locally (syncing each would cost a full all-reduce)."""
+    the earlier ones just accumulate locally (syncing each would cost a full all-reduce).
+    FSDP likewise reduce-scatters only on the last; until then each rank accumulates full-size
+    fp32 gradients (4 bytes per parameter)."""
+    if isinstance(scorer, FSDPModule):
+        scorer.set_requires_gradient_sync(last)
+        return nullcontext()
     return nullcontext() if last or not isinstance(scorer, DDP) else scorer.no_sync()
 
 
@@ -710,9 +789,16 @@ def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[f
     """Clip and step; a non-finite gradient norm skips the update.
 
     After DDP's all-reduce every rank holds the same gradients, so every rank sees the same
-    norm and skips (or not) together. Returns (grad norm, skipped).
+    norm and skips (or not) together. Under FSDP each rank holds a shard of every gradient
+    (DTensors): the norm of the shards is summed over ranks (`full_tensor`), so again every
+    rank clips by, and skips on, the same global norm. Returns (grad norm, skipped).
     """
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, total_norm)
+    grad_norm = float(total_norm)
     skipped = not math.isfinite(grad_norm)
     if not skipped:
         for group in optimizer.param_groups:
@@ -729,24 +815,35 @@ def save_checkpoint(path: str, run: Run, model, processor: Processor, optimizer,
     """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
     --precision bf16, as the hub ships Qwen2-VL), trainer_state.pt (`state`, the optimizer, and
     under bf16 the fp32 master weights, so a resume never re-rounds them) and one RNG file per
-    rank. Written into path.tmp and renamed: a crash mid-save never leaves a half checkpoint."""
+    rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
+    the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
+    every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
+    and renamed: a crash mid-save never leaves a half checkpoint."""
     tmp = path + ".tmp"
+    fsdp = sharded(model)
     try:
         if run.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier(run)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
+        weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
         if run.is_main:
-            weights = model.state_dict()
+            if fsdp:
+                state = {**state, "sharded_optimizer": bool(optimizer.state)}
+            else:
+                state = {**state, "optimizer": optimizer.state_dict()}
             if precision == "bf16":
-                state = {**state, "master_weights": weights}
+                if not fsdp:
+                    state = {**state, "master_weights": weights}
                 weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                            for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
-            torch.save({**state, "optimizer": optimizer.state_dict()},
-                       os.path.join(tmp, "trainer_state.pt"))
-        barrier(run)  # every rank's RNG file is in before the rename
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        if fsdp:
+            dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
+                     checkpoint_id=os.path.join(tmp, "sharded"))
+        barrier(run)  # every rank's files are in before the rename
         if run.is_main:
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
@@ -756,17 +853,53 @@ def save_checkpoint(path: str, run: Run, model, processor: Processor, optimizer,
 
 
 def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
-    """Restore the fp32 weights (the master copy when the checkpoint has one), the optimizer
-    and this rank's RNG from a save_checkpoint directory; returns the saved state."""
+    """Restore the fp32 weights (the master copy when the checkpoint has one; under FSDP this
+    rank's shards from path/sharded/), the optimizer and this rank's RNG from a save_checkpoint
+    directory; returns the saved state."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=run.device,
                        weights_only=False)
-    if "master_weights" in state:
-        model.load_state_dict(state.pop("master_weights"))
-    optimizer.load_state_dict(state.pop("optimizer"))
+    if sharded(model):
+        with_optimizer = state.pop("sharded_optimizer")
+        shards = sharded_state(model, optimizer, with_optimizer)
+        dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
+        if with_optimizer:
+            set_state_dict(model, optimizer, model_state_dict=shards["model"],
+                           optim_state_dict=shards["optimizer"])
+        else:
+            set_model_state_dict(model, shards["model"])
+    else:
+        if "master_weights" in state:
+            model.load_state_dict(state.pop("master_weights"))
+        optimizer.load_state_dict(state.pop("optimizer"))
     rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
     if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
         restore_rng(torch.load(rng_file, weights_only=False))
     return state
+
+
+def full_state_dict(model) -> dict:
+    """The model's complete state dict. Under FSDP every rank must call this (each weight is
+    gathered in turn) and only rank 0 gets it, on the CPU; the others get {}."""
+    if not sharded(model):
+        return model.state_dict()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (the output layer's is the embedding's) comes back as two copies: make them
+    # one tensor again, as in model.state_dict(), so that it is saved once
+    first = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if full and first.setdefault(id(value), name) != name:
+            full[name] = full[first[id(value)]]
+    return full
+
+
+def sharded_state(model, optimizer, with_optimizer: bool) -> dict:
+    """This rank's shards of the weights and, `with_optimizer`, of AdamW's state, keyed by
+    parameter name. Without: torch's helper would first give an optimizer that has not stepped
+    yet a state (by a zero step), and the first real update would then count as its second."""
+    if not with_optimizer:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def rng_state() -> dict:

@@ -4,12 +4,15 @@
     python train_grpo.py --demo --max-steps 20 # the demo with any of its settings changed
     python train_grpo.py --model Qwen/Qwen2-VL-2B-Instruct --dataset oxford_pets --data-root ~/data
     torchrun --nproc_per_node 8 train_grpo.py --dataset imagenet --data-root ~/data --method no-think
+    # 7B: the torchrun line with --fsdp --model Qwen/Qwen2-VL-7B-Instruct added
 
 One optimizer step, top to bottom in `main`: the step's prompts (data.py) -> G sampled
 completions per prompt, all micro-steps in one batched call (model.sample_groups) -> rewards
 (rewards.py, per method) -> group-normalised advantages -> reference log-probs, one MicroStep
 each -> per micro-step: shared-prefix log-probs, clipped-ratio loss with a k3 KL penalty,
-backward (DDP syncs only on the last) -> clip, AdamW, log.
+backward (DDP syncs only on the last) -> clip, AdamW, log. With `--fsdp` (7B: weights,
+gradients and AdamW state sharded over the GPUs, torch's FSDP2) the same loop runs unchanged;
+each rollout gathers the full weights once and frees them after (model.full_weights).
 
 Defaults are the authors' settings (docs/method.md section 5): G=4, temperature 1, lr 1e-6,
 beta 0.04, epsilon 0.2, one update per rollout, per-completion mean loss, batch 1 x accumulation
@@ -40,10 +43,10 @@ from tqdm import tqdm
 
 from rewards import reward_components, thinks, total_reward
 from data import check_flags, load_step_examples, one_line_errors
-from model import (PromptBatch, Run, all_reduce_sum, barrier, build_prompts, completion_logprobs,
-                   compute_context, load_checkpoint, load_model, optimizer_step, peak_memory_gb,
-                   prepare_training, print0, sample_groups, save_pretrained, slice_prompts,
-                   sync_gradients)
+from model import (GroupScorer, PromptBatch, Run, all_reduce_sum, barrier, build_prompts,
+                   compute_context, full_state_dict, full_weights, load_checkpoint, load_model,
+                   new_optimizer, optimizer_step, peak_memory_gb, prepare_training, print0,
+                   sample_groups, save_pretrained, shard, slice_prompts, sync_gradients)
 from train_sft import (add_training_flags, checkpoint_dirs, due, finish, fit, held_out_accuracy,
                        load_train_test, log_metrics, lr_at, save_or_stop, start_run, total_steps)
 
@@ -158,9 +161,9 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
     return random.Random(f"{seed}:rollout:{step}:{position}").getrandbits(62)
 
 
-def micro_steps(args, model, reference, prompts: PromptBatch, sampled, advantages) -> list[MicroStep]:
+def micro_steps(args, scorer, reference, prompts: PromptBatch, sampled, advantages) -> list[MicroStep]:
     """Cut one rollout into `grad_accum` micro-steps, scoring each under the frozen reference
-    (and under the rollout's policy when it is reused, mu > 1)."""
+    (and under the rollout's policy, its `scorer`, when it is reused, mu > 1)."""
     B, G = args.batch_size, args.num_generations
     steps = []
     with torch.no_grad(), compute_context(args.precision, prompts.input_ids.device):
@@ -169,8 +172,8 @@ def micro_steps(args, model, reference, prompts: PromptBatch, sampled, advantage
             ids = sampled.completion_ids[rows]
             steps.append(MicroStep(
                 part, ids, sampled.completion_mask[rows], advantages[rows],
-                ref_logprobs=None if reference is None else completion_logprobs(reference, part, ids, G),
-                old_logprobs=completion_logprobs(model, part, ids, G) if args.num_iterations > 1 else None))
+                ref_logprobs=None if reference is None else reference(part, ids, G),
+                old_logprobs=scorer(part, ids, G) if args.num_iterations > 1 else None))
     return steps
 
 
@@ -184,14 +187,15 @@ def main(argv=None):
         train_data, test_data = load_train_test(args)
         model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
     resuming_grpo = checkpoint is not None and not os.path.basename(checkpoint).startswith("warm_start-")
+    scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing,
+                                         args.fsdp, args.precision)
     if args.warm_start_steps and not resuming_grpo:
-        warm_start(args, run, model, processor, train_data, test_data, checkpoint)
+        warm_start(args, run, model, processor, scorer, train_data, test_data, checkpoint)
     reference = load_reference(args, run, checkpoint)
-    scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if resuming_grpo else 0
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A, G, mu = args.batch_size, args.grad_accum, args.num_generations, args.num_iterations
-    before = held_out_accuracy(args, run, model, processor, test_data) if args.demo else None
+    before = held_out_accuracy(args, run, model, processor, test_data, scorer) if args.demo else None
     print0(run, f"GRPO ({args.method}) on {args.dataset}: {len(train_data.examples)} training "
                 f"examples, {total} steps of {run.world_size * B * A} prompts x {G} completions, "
                 f"{args.precision} precision")
@@ -207,7 +211,8 @@ def main(argv=None):
         model.eval()  # no dropout, and HF's checkpointing layers would drop the KV cache
         prompts = build_prompts(processor, batch.images, batch.texts, run.device)
         seeds = [rollout_seed(args.seed, step, run.rank * B * A + j) for j in range(B * A)]
-        with compute_context(args.precision, run.device):  # one region: each weight cast once
+        # one region: each weight cast to bf16 once (DDP), or gathered once (FSDP), per rollout
+        with full_weights(scorer), compute_context(args.precision, run.device):
             sampled = sample_groups(model, processor, prompts, G, args.max_new_tokens,
                                     args.temperature, args.top_p, seeds)
         # 2. rewards, and advantages within each group of G completions of one prompt
@@ -218,7 +223,7 @@ def main(argv=None):
         advantages = group_advantages(rewards.view(B * A, G)).flatten().to(run.device)  # (BAG,)
         times["rollout"] = timer(run.device)
         # 3. per micro-step: its prompts, completions, and the frozen reference's log-probs
-        micro = micro_steps(args, model, reference, prompts, sampled, advantages)
+        micro = micro_steps(args, scorer, reference, prompts, sampled, advantages)
         times["reference"] = timer(run.device)
         rollout = rollout_record(args, run, sampled, rewards, components, prompts, batch.unreadable)
         # DDP averages gradients over ranks, so dividing each rank's sum by its own completion
@@ -253,45 +258,50 @@ def main(argv=None):
                       **update_record(run, sums, grad_norm, skipped, lr, times, iteration == 0,
                                       rollout["prompt_tokens"] + rollout["completion_tokens"])}
             if iteration == mu - 1 and due(args.eval_every, step + 1, total):
-                record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data)
+                record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, scorer)
             log_metrics(run, "metrics.jsonl", record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", length=f"{record['completion_length']:.1f}")
         save_or_stop(args, run, step + 1, total, model, processor, optimizer)
     bar.close()
     if args.demo:
-        after = held_out_accuracy(args, run, model, processor, test_data)
+        after = held_out_accuracy(args, run, model, processor, test_data, scorer)
         print0(run, f"held-out accuracy: {100 * before:.1f}% before GRPO, {100 * after:.1f}% after")
     print0(run, f"metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
     finish(args, run, t_start)
 
 
-def warm_start(args, run: Run, model, processor, train_data, test_data, checkpoint: str | None):
+def warm_start(args, run: Run, model, processor, scorer, train_data, test_data, checkpoint: str | None):
     """`--warm-start-steps` of SFT (train_sft.fit, constant --warm-start-lr) before GRPO, so a
     model that never names a class (the demo's random one) gets rewards to learn from. Resumes
     from a warm_start-* checkpoint when a signal stopped it there. The result is saved in
-    <output-dir>/warm_start: the KL reference of the GRPO that follows, also after a resume."""
+    <output-dir>/warm_start: the KL reference of the GRPO that follows, also after a resume.
+    It trains through GRPO's `scorer` with an AdamW of its own (GRPO starts with fresh moments)."""
     if checkpoint is None and args.demo:
-        accuracy = held_out_accuracy(args, run, model, processor, test_data)
+        accuracy = held_out_accuracy(args, run, model, processor, test_data, scorer)
         print0(run, f"held-out accuracy of the untrained model: {100 * accuracy:.1f}%")
     print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
     warm = argparse.Namespace(**{**vars(args), "max_steps": args.warm_start_steps,
-                                 "lr": args.warm_start_lr, "lr_schedule": "constant"})
-    scorer, optimizer = prepare_training(model, run, warm.lr, args.weight_decay, args.grad_checkpointing)
+                                 "lr": args.warm_start_lr, "lr_schedule": "constant",
+                                 "run_args": vars(args)})  # what its checkpoints record for --resume
+    optimizer = new_optimizer(model, run, warm.lr, args.weight_decay)
     start = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0
     fit(warm, run, model, processor, train_data, scorer, optimizer, start,
         log_name="warm_start.jsonl", prefix="warm_start-")
+    weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
     if run.is_main:
-        save_pretrained(model, processor, os.path.join(args.output_dir, "warm_start"))
+        save_pretrained(model, processor, os.path.join(args.output_dir, "warm_start"), weights)
         for name in checkpoint_dirs(args.output_dir, "warm_start-"):  # done with: GRPO starts
             shutil.rmtree(os.path.join(args.output_dir, name))
     barrier(run)
 
 
 def load_reference(args, run: Run, checkpoint: str | None):
-    """The frozen KL reference: the weights GRPO started from (the warm-started model when there
-    was a warm start, found beside the checkpoint on a resume), in bf16 under --precision bf16.
-    None when beta = 0."""
+    """The frozen KL reference, as a GroupScorer: the weights GRPO started from (the
+    warm-started model when there was a warm start, found beside the checkpoint on a resume), in
+    bf16 under --precision bf16. None when beta = 0. Under --fsdp it is sharded too: a bf16 copy
+    on every GPU would take 2 bytes per parameter (16.6 GB for 7B), 1/world_size of that when
+    sharded, for one all-gather of it per micro-step: the room a 7B run on 80 GB GPUs needs."""
     if not args.beta:
         return None
     source = args.model
@@ -301,7 +311,8 @@ def load_reference(args, run: Run, checkpoint: str | None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     with one_line_errors("train_grpo.py"):
         reference, _ = load_model(source, run.device, dtype=dtype)
-    return reference.requires_grad_(False)
+    reference.requires_grad_(False)
+    return shard(reference, run, args.precision, frozen=True) if args.fsdp else GroupScorer(reference)
 
 
 def rollout_record(args, run: Run, sampled, rewards, components, prompts, unreadable: int) -> dict:

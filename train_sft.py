@@ -15,6 +15,10 @@ Defaults (the paper gives none; these are common for full fine-tuning of a 2B VL
 thousand examples): lr 1e-5 with linear decay, AdamW (0.9, 0.999), no weight decay, gradient
 clipping at 1.0, 5 epochs, 16 prompts per optimizer step on 8 GPUs (batch 1 x accumulation 2).
 
+A 7B model's fp32 weights, gradients and AdamW state (16 bytes per parameter) fit no single
+80 GB GPU: add `--fsdp` to the torchrun command (with `--model Qwen/Qwen2-VL-7B-Instruct`) to
+shard them over the GPUs (torch's FSDP2, model.shard) instead of holding a copy on each (DDP).
+
 train_grpo.py builds on this file: the same flags (`add_training_flags`), the same run set-up
 (`start_run`: flag checks, output folder, resume checks, signals) and, for its warm start, the
 SFT loop itself (`fit`).
@@ -37,9 +41,9 @@ from data import (DATASETS, PROMPT_SUFFIX, append_jsonl, check_flags, load_data,
                   one_line_errors, write_atomic)
 from evaluate import accuracy
 from model import (Processor, Run, all_reduce_sum, barrier, build_prompts, catch_stop_signals,
-                   compute_context, default_precision, join_job, load_checkpoint, load_model,
-                   optimizer_step, peak_memory_gb, prepare_training, print0, release_stop_signals,
-                   save_checkpoint, stop_signal, sync_gradients)
+                   compute_context, default_precision, full_weights, join_job, load_checkpoint,
+                   load_model, optimizer_step, peak_memory_gb, prepare_training, print0,
+                   release_stop_signals, save_checkpoint, stop_signal, sync_gradients)
 
 SFT_TARGETS = {"no-think": "{label}", "cls-rl": "<answer>{label}</answer>",
                "think-after-answer": "<answer>{label}</answer>", "adaptive": "<answer>{label}</answer>"}
@@ -101,7 +105,7 @@ def fit(args, run: Run, model, processor, train_data, scorer, optimizer, start_s
                       answer_tokens=int(stats["answer_tokens"]),
                       seconds=time.perf_counter() - t0, peak_memory_gb=peak_memory_gb())
         if test_data is not None and due(args.eval_every, step + 1, total):
-            record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data)
+            record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, scorer)
         log_metrics(run, log_name, record)
         bar.update(1), bar.set_postfix(loss=f"{record['loss']:.3f}")
         save_or_stop(args, run, step + 1, total, model, processor, optimizer, prefix,
@@ -120,7 +124,8 @@ def main(argv=None):
     with one_line_errors("train_sft.py"):
         train_data, test_data = load_train_test(args)
         model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
-    scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing)
+    scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing,
+                                         args.fsdp, args.precision)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0
     print0(run, f"SFT on {args.dataset} ({args.setting}, {len(train_data.examples)} training "
                 f"examples, {len(train_data.classnames)} classes), {run.world_size} process(es), "
@@ -169,6 +174,9 @@ def add_training_flags(parser, lr: float, epochs_help: str, max_new_tokens: int,
     a("--eval-limit", type=int, default=None, help="test images used by --eval-every (default: all)")
     a("--eval-batch-size", type=int, default=32, help="prompts per greedy decoding batch in evaluation")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    a("--fsdp", action="store_true",
+      help="shard weights, gradients and AdamW state over the torchrun processes (torch FSDP2) "
+           "instead of a full copy on each (DDP): for 7B models")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
 
@@ -181,6 +189,9 @@ def start_run(args, script: str) -> tuple[Run, str | None]:
                                     max_new_tokens=1, save_every=0, keep_checkpoints=1,
                                     eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0),
                 above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0))
+    if args.fsdp and "RANK" not in os.environ:
+        raise SystemExit("--fsdp: shards over the processes of a torchrun job; launch with torchrun "
+                         "(--nproc_per_node 1 works too)")
     run = join_job(args.device, args.output_dir, args.dist_timeout)
     args.precision = args.precision or default_precision(run.device)
     with one_line_errors(script):
@@ -279,9 +290,10 @@ def due(every: int, step: int, total: int) -> bool:
     return bool(every) and (step % every == 0 or step == total)
 
 
-def held_out_accuracy(args, run: Run, model, processor, test_data) -> float:
-    """Greedy accuracy on the test split (a fraction), as evaluate.py computes it."""
-    with compute_context(args.precision, run.device):
+def held_out_accuracy(args, run: Run, model, processor, test_data, scorer=None) -> float:
+    """Greedy accuracy on the test split (a fraction), as evaluate.py computes it (under FSDP
+    on the model's full weights, gathered once through its `scorer`)."""
+    with full_weights(scorer), compute_context(args.precision, run.device):
         return accuracy(model, processor, test_data, args.method, rank=run.rank,
                         world_size=run.world_size, batch_size=args.eval_batch_size,
                         max_new_tokens=args.max_new_tokens, image_size=args.image_size,
@@ -302,7 +314,7 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
     if signum or (save_at_end and step == total) or due(args.save_every, step, 0):
         path = os.path.join(args.output_dir, f"{prefix}{step:06d}")
         save_checkpoint(path, run, model, processor, optimizer,
-                        {"step": step, "args": vars(args)}, args.precision)
+                        {"step": step, "args": getattr(args, "run_args", vars(args))}, args.precision)
         if run.is_main:
             for name in checkpoint_dirs(args.output_dir, prefix)[:-args.keep_checkpoints]:
                 shutil.rmtree(os.path.join(args.output_dir, name))

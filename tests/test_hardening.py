@@ -1,0 +1,219 @@
+"""A run never lies: signals, resume, flags and errors, one test per way a run could mislead."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import train_grpo as T
+import train_sft as S
+from helpers import FAST, ROOT, env, launch, max_difference, metrics, run_script, weights
+
+GRPO = FAST + ["--method", "no-think", "--batch-size", "2", "--num-generations", "2"]
+
+
+def wait_for(path, process, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not path.exists() and process.poll() is None:
+        time.sleep(0.02)
+    assert path.exists(), "the run never got that far"
+
+
+def cli(script, args, tmp_path, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    """The error a script stopped with: non-zero exit, no traceback, one line on stderr."""
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Flag errors must stop a script before any model is loaded."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+    for module in (M, S, T):
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
+# 1. a signal during the warm start -------------------------------------------------------------
+
+def test_sigterm_during_the_warm_start_saves_it_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = GRPO + ["--max-steps", "2", "--warm-start-steps", "60", "--warm-start-lr", "1e-3",
+                   "--lr", "1e-3", "--shots", "4"]
+    run_script(ROOT / "train_grpo.py", args + ["--output-dir", "straight"], tmp_path)
+    process = launch(ROOT / "train_grpo.py", args + ["--output-dir", "cut"], tmp_path)
+    wait_for(tmp_path / "cut/warm_start.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out[-3000:]
+    saved = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert [n for n in saved if n.startswith("warm_start-")] and not any(
+        n.startswith("checkpoint-") or n in ("warm_start", "final") for n in saved), saved
+    run_script(ROOT / "train_grpo.py", args + ["--output-dir", "cut", "--resume", "latest"], tmp_path)
+    assert max_difference(weights(tmp_path / "cut/warm_start"), weights(tmp_path / "straight/warm_start")) == 0
+    assert max_difference(weights(tmp_path / "cut/final"), weights(tmp_path / "straight/final")) == 0
+    assert [r["step"] for r in metrics(tmp_path / "cut", "warm_start.jsonl")] == list(range(1, 61))
+
+
+# 2. --resume refuses a different run, and keeps the record of the original ---------------------
+
+def test_resume_refuses_flags_that_change_the_trajectory_and_keeps_args_json(tmp_path):
+    args = GRPO + ["--max-steps", "2", "--save-every", "1", "--output-dir", "run"]
+    run_script(ROOT / "train_grpo.py", args, tmp_path)
+    original = (tmp_path / "run/args.json").read_text()
+    resume = ["--resume", str(tmp_path / "run/checkpoint-000001")]
+    changed = ["--lr", "1e-2", "--num-generations", "3", "--model", str(tmp_path / "run/checkpoint-000002"),
+               "--image-size", "84", "--max-new-tokens", "5"]
+    message = one_line_error(cli("train_grpo.py", args + changed + resume, tmp_path))
+    for flag in ("--lr", "--num-generations", "--model", "--image-size", "--max-new-tokens"):
+        assert flag + " was" in message, (flag, message)
+    assert (tmp_path / "run/args.json").read_text() == original
+    # flags that cannot change the trajectory may change
+    run_script(ROOT / "train_grpo.py", args + ["--save-every", "2", "--keep-checkpoints", "3"] + resume,
+               tmp_path)
+    assert json.loads((tmp_path / "run/args.json").read_text())["keep_checkpoints"] == 3
+
+
+# 3 and 7. every flag is checked before anything is loaded -------------------------------------
+
+@pytest.mark.parametrize("script, flag, value, expected", [
+    (T, "--epochs", "0", "more than 0"), (T, "--max-steps", "0", "at least 1"),
+    (T, "--max-steps", "-1", "at least 1"), (T, "--keep-checkpoints", "0", "at least 1"),
+    (T, "--save-every", "-1", "at least 0"), (T, "--max-new-tokens", "0", "at least 1"),
+    (T, "--lr", "-1", "more than 0"), (T, "--num-iterations", "0", "at least 1"),
+    (T, "--eval-batch-size", "0", "at least 1"), (T, "--num-generations", "1", "at least 2"),
+    (T, "--top-p", "1.5", "at most 1"), (S, "--epochs", "0", "more than 0"),
+    (S, "--lr", "nan", "more than 0"), (S, "--batch-size", "0", "at least 1"),
+])
+def test_a_bad_flag_stops_before_loading_with_its_name_and_value(script, flag, value, expected,
+                                                                tmp_path, no_loading):
+    with pytest.raises(SystemExit) as stop:
+        script.main(FAST + [flag, value, "--output-dir", str(tmp_path / "run")])
+    assert str(stop.value).startswith(f"{flag} ") and str(stop.value).endswith(f"expected {expected}")
+    assert not (tmp_path / "run/args.json").exists()
+
+
+def test_evaluate_checks_its_flags_too(tmp_path, no_loading):
+    import evaluate as E
+    with pytest.raises(SystemExit) as stop:
+        E.main(["--model", "tiny", "--dataset", "demo", "--batch-size", "0", "--output-dir", str(tmp_path)])
+    assert "--batch-size 0" in str(stop.value)
+
+
+# 4. --demo keeps the other flags ---------------------------------------------------------------
+
+def test_demo_flag_with_other_flags_runs_the_demo_with_them_changed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    T.main(["--demo", "--max-steps", "2", "--warm-start-steps", "1", "--eval-limit", "4",
+            "--output-dir", str(tmp_path / "demo")])
+    saved = json.loads((tmp_path / "demo/args.json").read_text())
+    assert saved["model"] == "tiny" and saved["dataset"] == "demo" and saved["demo"]
+    assert saved["max_steps"] == 2 and saved["warm_start_steps"] == 1 and saved["num_generations"] == 8
+    assert [r["step"] for r in metrics(tmp_path / "demo")] == [1, 2]
+
+
+# 5. a signal on one rank only ------------------------------------------------------------------
+
+def test_sigterm_on_rank_1_alone_stops_every_rank_without_a_final_link(tmp_path):
+    process = launch(ROOT / "tests/signal_on_rank1.py", GRPO + ["--max-steps", "6", "--output-dir", "run"],
+                     tmp_path, nproc=2)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, out[-3000:]
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-000002"]
+    assert not (tmp_path / "run/final").exists()
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+# 6. data.py shows what training reads ----------------------------------------------------------
+
+def test_data_py_defaults_to_the_training_seed(tmp_path):
+    dump = tmp_path / "dump.jsonl"
+    D.main(["--dataset", "demo", "--dump", str(dump)])
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    seed = T.parse_args(["--dataset", "demo"]).seed
+    train = D.load_data("demo", None, "fewshot", "train", 4, seed)
+    assert [r["image"] for r in rows] == [e.image for e in train.examples]
+    assert [r["candidates"] for r in rows] == [D.make_question(train, i, "no-think", seed)[1]
+                                               for i in range(len(rows))]
+
+
+# 8. data, model and output-dir errors: one line, early -----------------------------------------
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py"])
+def test_input_errors_are_one_line_messages(script, tmp_path):
+    message = one_line_error(cli(script, FAST + ["--dataset", "dtd", "--data-root", str(tmp_path)], tmp_path))
+    assert "split_zhou_DescribableTextures.json not found" in message
+    message = one_line_error(cli(script, FAST + ["--model", "./no/such/model"], tmp_path))
+    assert "no/such/model: no such directory" in message
+    (tmp_path / "a_file").write_text("")
+    message = one_line_error(cli(script, FAST + ["--output-dir", "a_file"], tmp_path))
+    assert "--output-dir a_file is a file" in message
+    message = one_line_error(cli(script, FAST + ["--output-dir", "a_file/run"], tmp_path))
+    assert "a_file" in message
+
+
+def test_sft_checks_the_dataset_before_loading_the_model(tmp_path, no_loading):
+    with pytest.raises(SystemExit) as stop:
+        S.main(FAST + ["--dataset", "dtd", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "r")])
+    assert "split_zhou_DescribableTextures.json not found" in str(stop.value)
+
+
+# 9. unreadable files, a crashed link, a full disk ----------------------------------------------
+
+def test_unreadable_images_count_files_not_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLS_RL_CACHE", str(tmp_path / "cache"))  # its own copy, to corrupt
+    train = D.load_data("demo", None, "fewshot", "train", 2, 100)  # 20 images
+    (tmp_path / "bad").write_bytes(b"not a png")
+    bad = str(tmp_path / "bad")
+    train.examples[3] = D.Example(bad, train.examples[3].label, train.examples[3].classname)
+    train.examples[4] = D.Example(bad, train.examples[4].label, train.examples[4].classname)
+    # 40 picks: every example twice, the bad file at two indices: four failed reads, one file
+    batch = D.load_step_examples(train, 0, seed=100, method="no-think", image_size=56, rank=0,
+                                 world_size=1, per_rank=40)
+    assert batch.unreadable == 1 and len(batch.images) == 40
+
+
+def test_a_leftover_final_tmp_does_not_break_the_next_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    os.symlink("checkpoint-999999", tmp_path / "run/final.tmp")
+    T.main(GRPO + ["--max-steps", "1", "--output-dir", str(tmp_path / "run")])
+    assert (tmp_path / "run/final").resolve().name == "checkpoint-000001"
+
+
+def test_a_full_disk_names_the_checkpoint_being_written(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="checkpoint-000001.*No space left"):
+        T.main(GRPO + ["--max-steps", "1", "--output-dir", str(tmp_path / "run")])
+
+
+# 10 and 11. the README's first commands, and references that resolve ---------------------------
+
+def test_readme_first_block_installs_cpu_torch_before_the_requirements():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "whl/cpu" in block and block.index("whl/cpu") < block.index("-r requirements.txt")
+
+
+def test_no_file_cites_what_the_repository_does_not_ship():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        if name.endswith((".py", ".md", ".txt", ".ini")) or name == ".ci/run":
+            text = (ROOT / name).read_text()
+            assert "METHOD.md" not in text and "../shared" not in text, name
+            for cited in {w.strip("`().,:;'\"") for w in text.split() if w.strip("`().,:;'\"").startswith("docs/")}:
+                assert (ROOT / cited).exists(), (name, cited)
