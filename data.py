@@ -80,29 +80,23 @@ PROMPT_SUFFIX = {  # appended to the question, as the authors trained (docs/meth
 
 _OBJECT = "What type of object is in the photo?"
 QUESTIONS = {name: _OBJECT for name in DATASETS + ("demo",)}  # the authors' data notebook
-QUESTIONS.update({
-    "eurosat": "What type of object is in the centered satellite photo?",
-    "ucf101": "What actions is the person performing in the photo?",
-    "dtd": "What type of texture is in the photo?",
-    "fgvc_aircraft": "What type of aircraft is in the photo?",
-})
+QUESTIONS.update(eurosat="What type of object is in the centered satellite photo?",
+                 ucf101="What actions is the person performing in the photo?",
+                 dtd="What type of texture is in the photo?",
+                 fgvc_aircraft="What type of aircraft is in the photo?")
 
 # Open-set questions name what kind of answer is wanted, since no list says it. Only the
-# flowers wording is the paper's; the others are ours, written the same way.
-OPEN_SET_QUESTIONS = {
-    "imagenet": _OBJECT,
-    "caltech101": _OBJECT,
-    "oxford_pets": "What breed of pet is in the photo?",
-    "stanford_cars": "What make and model of car is in the photo?",
-    "oxford_flowers": "What type of flower is in the photo?",
-    "food101": "What type of food is in the photo?",
-    "fgvc_aircraft": "What type of aircraft is in the photo?",
-    "sun397": "What type of scene is in the photo?",
-    "dtd": "What type of texture is in the photo?",
-    "eurosat": "What type of land cover is in the centered satellite photo?",
-    "ucf101": "What action is the person performing in the photo?",
-    "demo": "What coloured shape is in the photo?",
-}
+# flowers wording is the paper's; the others are ours, written the same way. The object, aircraft
+# and texture questions already name the kind, so those datasets ask the same in both modes.
+OPEN_SET_QUESTIONS = dict(QUESTIONS,
+                          oxford_pets="What breed of pet is in the photo?",
+                          stanford_cars="What make and model of car is in the photo?",
+                          oxford_flowers="What type of flower is in the photo?",
+                          food101="What type of food is in the photo?",
+                          sun397="What type of scene is in the photo?",
+                          eurosat="What type of land cover is in the centered satellite photo?",
+                          ucf101="What action is the person performing in the photo?",
+                          demo="What coloured shape is in the photo?")
 
 
 @dataclass(frozen=True)
@@ -132,11 +126,10 @@ def _check_choice(flag: str, value, valid) -> None:
 
 def _layout(dataset: str, root: str) -> str:
     """The files a dataset needs, for error messages."""
+    d = os.path.join(root, dataset)  # the folder of imagenet and fgvc_aircraft
     if dataset == "imagenet":
-        d = os.path.join(root, "imagenet")
         parts = [f"{d}/images/train/<wnid>/", f"{d}/images/val/<wnid>/", f"{d}/classnames.txt"]
     elif dataset == "fgvc_aircraft":
-        d = os.path.join(root, "fgvc_aircraft")
         parts = [f"{d}/images/", f"{d}/variants.txt", f"{d}/images_variant_{{train,val,test}}.txt"]
     else:
         folder, images, split_file = SPLIT_FILE_LAYOUT[dataset]
@@ -144,9 +137,10 @@ def _layout(dataset: str, root: str) -> str:
     return "expected the CoOp layout: " + ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _require(path: str, dataset: str, root: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; {_layout(dataset, root)}")
+def _require(dataset: str, root: str, *paths: str) -> None:
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found; {_layout(dataset, root)}")
 
 
 # Each reader returns (dataset folder, raw class names by label, [(path in folder, label)]).
@@ -154,14 +148,9 @@ def _read_split_file(root: str, dataset: str, split: str):
     folder, image_folder, split_name = SPLIT_FILE_LAYOUT[dataset]
     dataset_dir = os.path.join(root, folder)
     split_path = os.path.join(dataset_dir, split_name)
-    _require(split_path, dataset, root)
-    _require(os.path.join(dataset_dir, image_folder), dataset, root)
+    _require(dataset, root, split_path, os.path.join(dataset_dir, image_folder))
     expected = 'expected {"train": [[image_path, label, classname], ...], "val": [...], "test": [...]}'
-    try:
-        with open(split_path) as f:
-            content = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{split_path} is not valid JSON ({err}); {expected}") from None
+    content = read_json(split_path, f"; {expected}")
     if not isinstance(content, dict) or split not in content:
         raise ValueError(f"{split_path} has no {split!r} list; {expected}")
     names = {}
@@ -188,14 +177,10 @@ def _read_imagenet(root: str, split: str):
     names_path = os.path.join(dataset_dir, "classnames.txt")
     train_dir = os.path.join(dataset_dir, "images", "train")
     split_folder = "train" if split == "train" else "val"  # CoOp tests on the val set
-    for path in (names_path, train_dir, os.path.join(dataset_dir, "images", split_folder)):
-        _require(path, "imagenet", root)
-    name_of = {}
+    _require("imagenet", root, names_path, train_dir, os.path.join(dataset_dir, "images", split_folder))
     with open(names_path) as f:
-        for line in f:
-            wnid, _, name = line.strip().partition(" ")
-            if wnid:
-                name_of[wnid] = name.strip()
+        entries = [line.strip().partition(" ") for line in f]
+    name_of = {wnid: name.strip() for wnid, _, name in entries if wnid}
     # Labels follow the sorted train folders, as in CoOp, whatever order the names file has.
     wnids = _subfolders(train_dir)
     if not wnids:
@@ -210,9 +195,8 @@ def _read_imagenet(root: str, split: str):
         if wnid not in label_of:
             raise ValueError(f"{dataset_dir}/images/{split_folder}/{wnid} is not a class of {train_dir}")
         class_dir = os.path.join("images", split_folder, wnid)
-        files = [f for f in os.listdir(os.path.join(dataset_dir, class_dir)) if not f.startswith(".")]
-        files.sort()  # file-system order differs between machines
-        items += [(os.path.join(class_dir, f), label_of[wnid]) for f in files]
+        files = sorted(os.listdir(os.path.join(dataset_dir, class_dir)))  # file-system order varies
+        items += [(os.path.join(class_dir, f), label_of[wnid]) for f in files if not f.startswith(".")]
     return dataset_dir, [name_of[w] for w in wnids], items
 
 
@@ -220,8 +204,7 @@ def _read_fgvc_aircraft(root: str, split: str):
     dataset_dir = os.path.join(root, "fgvc_aircraft")
     variants_path = os.path.join(dataset_dir, "variants.txt")
     list_path = os.path.join(dataset_dir, f"images_variant_{split}.txt")
-    for path in (os.path.join(dataset_dir, "images"), variants_path, list_path):
-        _require(path, "fgvc_aircraft", root)
+    _require("fgvc_aircraft", root, os.path.join(dataset_dir, "images"), variants_path, list_path)
     with open(variants_path) as f:
         names = [line.strip() for line in f if line.strip()]
     label_of = {name: label for label, name in enumerate(names)}
@@ -255,18 +238,14 @@ def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_fil
     """The few-shot training items: read back from `fewshot_file` when it exists, else
     sampled (and saved there when a file is named). The file holds the choice over ALL
     classes, so one file serves the fewshot, base and new settings."""
+    wanted = {"dataset": dataset, "shots": shots, "seed": seed}
     if fewshot_file is None or not os.path.exists(fewshot_file):
         chosen = _sample_fewshot(items, shots, seed)
         if fewshot_file is not None:
-            write_atomic(fewshot_file, json.dumps({"dataset": dataset, "shots": shots, "seed": seed,
-                                                    "images": [path for path, _ in chosen]}, indent=1))
+            choice = dict(wanted, images=[path for path, _ in chosen])
+            write_atomic(fewshot_file, json.dumps(choice, indent=1))
         return chosen
-    try:
-        with open(fewshot_file) as f:
-            saved = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"few-shot file {fewshot_file} is not valid JSON ({err})") from None
-    wanted = {"dataset": dataset, "shots": shots, "seed": seed}
+    saved = read_json(fewshot_file)
     found = {key: saved.get(key) for key in wanted}
     if found != wanted:
         raise ValueError(f"few-shot file {fewshot_file} holds the choice for {found}, but this run "
@@ -304,18 +283,14 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data root {root} does not exist; {_layout(dataset, root)}")
 
-    if dataset == "imagenet":
-        dataset_dir, names, items = _read_imagenet(root, split)
-    elif dataset == "fgvc_aircraft":
-        dataset_dir, names, items = _read_fgvc_aircraft(root, split)
-    else:
-        dataset_dir, names, items = _read_split_file(root, dataset, split)
+    reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft}.get(dataset)
+    dataset_dir, names, items = reader(root, split) if reader else _read_split_file(root, dataset, split)
     if split == "train" and shots is not None:
         items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
 
     names = [name.replace("_", " ") for name in names]
-    first, end = {"fewshot": (0, len(names)), "base": (0, math.ceil(len(names) / 2)),
-                  "new": (math.ceil(len(names) / 2), len(names))}[setting]
+    half = math.ceil(len(names) / 2)
+    first, end = {"fewshot": (0, len(names)), "base": (0, half), "new": (half, len(names))}[setting]
     examples = [Example(os.path.join(dataset_dir, path), label - first, names[label])
                 for path, label in items if first <= label < end]
     # One report of every missing file now beats a crash per file in the middle of training.
@@ -449,9 +424,17 @@ def write_atomic(path: str, text: str) -> None:
             f.write(text)
         os.replace(tmp, path)
     except OSError as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise OSError(f"could not write {path}: {err}") from err
+
+
+def read_json(path: str, hint: str = ""):
+    """The content of a JSON file; a malformed one is a ValueError naming the file, then `hint`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:  # bad JSON, or bytes that are not text
+        raise ValueError(f"{path} is not valid JSON ({err}){hint}") from None
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -459,8 +442,7 @@ def read_jsonl(path: str) -> list[dict]:
     is dropped with a note; a bad line elsewhere is an error naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        lines = f.read().split("\n")
+    lines = Path(path).read_text().split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -468,10 +450,9 @@ def read_jsonl(path: str) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            if number == len(lines):  # no newline after it: the write was interrupted
-                print(f"{path}: dropped an incomplete last line (an interrupted write)", flush=True)
-                continue
-            raise ValueError(f"{path} line {number} is not JSON ({err})") from None
+            if number < len(lines):  # a newline after it: not a write cut short
+                raise ValueError(f"{path} line {number} is not JSON ({err})") from None
+            print(f"{path}: dropped an incomplete last line (an interrupted write)", flush=True)
     return records
 
 
@@ -480,19 +461,19 @@ def append_jsonl(path: str, records: list[dict]) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
-def check_flags(args, at_least: dict | None = None, above: dict | None = None) -> None:
+def check_flags(args, at_least: dict | None = None, above: dict | None = None,
+                at_most: dict | None = None) -> None:
     """Stop with one line naming the flag, its value and what was expected, before anything is
     loaded. Flags whose value is None (not given, no default) are not checked.
     >>> check_flags(argparse.Namespace(batch_size=0, lr=1e-6), at_least={"batch_size": 1})
     Traceback (most recent call last):
     SystemExit: --batch-size 0: expected at least 1
     """
-    for bounds, words in ((at_least or {}, "at least"), (above or {}, "more than")):
+    tests = {"at least": float.__ge__, "more than": float.__gt__, "at most": float.__le__}
+    for words, bounds in zip(tests, (at_least or {}, above or {}, at_most or {})):
         for name, bound in bounds.items():
-            value = getattr(args, name)
-            if value is None:
-                continue
-            if not (value >= bound if words == "at least" else value > bound):  # NaN fails too
+            value = getattr(args, name)  # NaN fails every comparison
+            if value is not None and not tests[words](float(value), float(bound)):
                 raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
 
 
@@ -510,10 +491,9 @@ def one_line_errors(script: str):
 DEMO_CLASSES = ("red circle", "blue square", "green triangle", "yellow star", "purple diamond",
                 "orange cross", "cyan hexagon", "pink pentagon", "white ring", "black arrow")
 DEMO_SPLIT_SIZES = {"train": 16, "val": 8, "test": 10}  # images per class
-_COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50),
-            "yellow": (240, 220, 30), "purple": (140, 40, 170), "orange": (250, 140, 20),
-            "cyan": (30, 210, 220), "pink": (250, 120, 190), "white": (250, 250, 250),
-            "black": (15, 15, 15)}
+_COLOURS = dict(red=(220, 30, 30), blue=(30, 60, 220), green=(30, 170, 50), yellow=(240, 220, 30),
+                purple=(140, 40, 170), orange=(250, 140, 20), cyan=(30, 210, 220), pink=(250, 120, 190),
+                white=(250, 250, 250), black=(15, 15, 15))
 
 
 def _regular(corners: int, radii=(1.0,)) -> list[tuple[float, float]]:
@@ -525,13 +505,11 @@ def _regular(corners: int, radii=(1.0,)) -> list[tuple[float, float]]:
 # Outlines in units of the shape's radius, centred on (0, 0); circle and ring are ellipses.
 _OUTLINES = {
     "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
-    "triangle": _regular(3),
-    "star": _regular(10, radii=(1.0, 0.4)),
     "diamond": [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)],
+    "triangle": _regular(3), "pentagon": _regular(5), "hexagon": _regular(6),
+    "star": _regular(10, radii=(1.0, 0.4)),
     "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1),
               (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
-    "hexagon": _regular(6),
-    "pentagon": _regular(5),
     "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)],
 }
 
@@ -539,9 +517,9 @@ _OUTLINES = {
 def _draw_demo_image(rng: random.Random, classname: str) -> Image.Image:
     colour, shape = classname.split()
     grey = rng.randint(100, 150)
-    image = Image.new("RGB", (64, 64), (grey, grey, grey))
+    # mild noise, so no two images are identical
     noise = Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3)).point(lambda v: v // 8)
-    image = ImageChops.add(image, noise)  # mild noise, so no two images are identical
+    image = ImageChops.add(Image.new("RGB", (64, 64), (grey, grey, grey)), noise)
     fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in _COLOURS[colour])
     radius = rng.randint(11, 18)
     cx, cy = rng.randint(radius + 2, 61 - radius), rng.randint(radius + 2, 61 - radius)
@@ -559,16 +537,14 @@ def _draw_demo_image(rng: random.Random, classname: str) -> Image.Image:
 def _generate_demo(folder: Path) -> None:
     rng = random.Random(0)  # fixed: the demo is the same, file for file, on every machine
     split = {part: [] for part in DEMO_SPLIT_SIZES}
+    parts = [part for part, count in DEMO_SPLIT_SIZES.items() for _ in range(count)]  # image -> split
     for label, classname in enumerate(DEMO_CLASSES):
         class_folder = classname.replace(" ", "_")  # CoOp-style names: underscores on disk
         (folder / "images" / class_folder).mkdir(parents=True)
-        number = 0
-        for part, count in DEMO_SPLIT_SIZES.items():
-            for _ in range(count):
-                path = f"{class_folder}/{number}.png"
-                _draw_demo_image(rng, classname).save(folder / "images" / path)
-                split[part].append([path, label, class_folder])
-                number += 1
+        for number, part in enumerate(parts):
+            path = f"{class_folder}/{number}.png"
+            _draw_demo_image(rng, classname).save(folder / "images" / path)
+            split[part].append([path, label, class_folder])
     (folder / "split_demo.json").write_text(json.dumps(split, indent=1))
 
 
@@ -580,13 +556,9 @@ def demo_root(data_root: str | None = None) -> Path:
     that start together never see half a data set; a rank that loses the race uses the
     winner's copy, which is identical.
     """
-    if data_root is not None:
-        parent = Path(data_root).expanduser()
-    elif os.environ.get("CLS_RL_CACHE"):
-        parent = Path(os.environ["CLS_RL_CACHE"]).expanduser()
-    else:
-        parent = Path.home() / ".cache" / "cls-rl"
-    root = parent.absolute() / "demo"
+    if data_root is None:
+        data_root = os.environ.get("CLS_RL_CACHE") or Path.home() / ".cache" / "cls-rl"
+    root = Path(data_root).expanduser().absolute() / "demo"
     if (root / "split_demo.json").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -605,26 +577,20 @@ def demo_root(data_root: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Show the questions a CLS-RL run sees: one JSON "
-                                     "object per example, and a summary.")
-    parser.add_argument("--dataset", default="demo", choices=DATASETS + ("demo",),
-                        help="dataset name; 'demo' is drawn on first use and needs no download")
-    parser.add_argument("--data-root", default=None,
-                        help="folder holding the CoOp layout (top of data.py); optional for demo")
-    parser.add_argument("--setting", default="fewshot", choices=SETTINGS,
-                        help="fewshot: all classes; base/new: first/second half of the labels")
-    parser.add_argument("--split", default="train", choices=SPLITS, help="train or test split")
-    parser.add_argument("--shots", type=int, default=4,
-                        help="training images per class (paper: 4); 0 keeps them all; test ignores it")
-    parser.add_argument("--seed", type=int, default=100,
-                        help="seed of the few-shot choice and of the candidate lists (training's default)")
-    parser.add_argument("--fewshot-file", default=None,
-                        help="JSON file holding the few-shot choice: read if it exists, else written")
-    parser.add_argument("--method", default="no-think", choices=tuple(PROMPT_SUFFIX),
-                        help="which training prompt suffix ends the question")
-    parser.add_argument("--open-set", action="store_true", help="ask without a candidate list")
-    parser.add_argument("--epoch", type=int, default=0, help="epoch whose candidate lists to draw")
-    parser.add_argument("--dump", default=None, help="write the examples here as JSON lines")
+    """Show the questions a CLS-RL run sees: one JSON object per example, and a summary."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    a = parser.add_argument
+    a("--dataset", default="demo", choices=DATASETS + ("demo",), help="'demo' needs no download")
+    a("--data-root", help="folder holding the CoOp layout (top of data.py); optional for demo")
+    a("--setting", default="fewshot", choices=SETTINGS, help="base/new: first/second half of labels")
+    a("--split", default="train", choices=SPLITS, help="train or test split")
+    a("--shots", type=int, default=4, help="training images per class; 0: all; test ignores it")
+    a("--seed", type=int, default=100, help="few-shot choice and candidate lists (as training's)")
+    a("--fewshot-file", help="JSON file holding the few-shot choice: read if it exists, else written")
+    a("--method", default="no-think", choices=tuple(PROMPT_SUFFIX), help="the prompt suffix")
+    a("--open-set", action="store_true", help="ask without a candidate list")
+    a("--epoch", type=int, default=0, help="epoch whose candidate lists to draw")
+    a("--dump", help="write the examples here as JSON lines")
     args = parser.parse_args(argv)
     try:
         data = load_data(args.dataset, args.data_root, args.setting, args.split,
@@ -638,9 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"index": index, "image": example.image, "label": example.classname,
                      "label_index": example.label, "candidates": candidates, "question": question})
     if args.dump:
-        os.makedirs(os.path.dirname(os.path.abspath(args.dump)), exist_ok=True)
-        with open(args.dump, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
     listed = 0 if args.open_set else num_candidates(len(data.classnames), data.setting)
     print(f"{data.dataset} {data.setting}/{data.split}: {len(data.classnames)} classes, "
           f"{len(data.examples)} examples, {listed} candidates per question"

@@ -92,13 +92,16 @@ def judge(question: dict, completion: str, completion_tokens: int) -> dict:
 def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_kwargs) -> float:
     """Paper-rule accuracy over `data` as a FRACTION in [0, 1], for the training logs: each rank
     predicts its share and every rank returns the accuracy over all of them."""
-    batches = predict(model, processor, data, method, rank=rank, world_size=world_size,
-                      **predict_kwargs)
+    batches = predict(model, processor, data, method, rank=rank, world_size=world_size, **predict_kwargs)
     records = [record for batch in batches for record in batch]
-    counts = M.all_reduce_sum(M.Run(rank, world_size, model.device, output_dir=""),
+    counts = M.all_reduce(M.Run(rank, world_size, model.device),
                               {"right": sum(r.get("correct_paper", False) for r in records),
                                "images": len(records)})
     return counts["right"] / max(1.0, counts["images"])
+
+
+def images_per_second(timing: dict) -> float | None:
+    return timing["timed_images"] / timing["inference_seconds"] if timing["inference_seconds"] else None
 
 
 def percent(count: float, total: int) -> float | None:
@@ -155,15 +158,12 @@ def summarise(records: list[dict]) -> dict:
 def average(per_dataset: dict[str, dict]) -> dict:
     """The average row: rates are the plain mean over datasets (the paper's average of the
     per-dataset accuracies); counts and times the sum."""
-    rows = list(per_dataset.values())
     rates = ("accuracy_paper", "accuracy_strict", "hedged_rate", "thinking_share",
              "think_answer_mismatch_rate", "mean_completion_tokens", "change_paper", "change_strict")
     counts = ("images", "unreadable_images", "think_answer_pairs", "timed_images", "inference_seconds")
-    out = {key: mean(row.get(key) for row in rows) for key in rates}
-    out.update({key: sum(row.get(key) or 0 for row in rows) for key in counts})
-    out["images_per_second"] = out["timed_images"] / out["inference_seconds"] \
-        if out["inference_seconds"] else None
-    return out
+    out = {key: mean(row.get(key) for row in per_dataset.values()) for key in rates}
+    out.update({key: sum(row.get(key) or 0 for row in per_dataset.values()) for key in counts})
+    return dict(out, images_per_second=images_per_second(out))
 
 
 def add_comparison(per_dataset: dict[str, dict], baseline: dict) -> list[str]:
@@ -226,16 +226,15 @@ def read_summary(path: str, what: str) -> dict:
     argument that named it) starts the error message."""
     file = os.path.join(path, "summary.json") if os.path.isdir(path) else path
     try:
-        with open(file) as f:
-            summary = json.load(f)
+        summary = D.read_json(file)
         if all({"accuracy_paper", "accuracy_strict"} <= row.keys()
                for row in summary["datasets"].values()):
             return summary
         problem = f"{file} has a dataset without accuracy_paper or accuracy_strict"
     except FileNotFoundError:
         problem = "no summary.json there"
-    except ValueError as err:
-        problem = f"{file} is not valid JSON ({err})"
+    except ValueError as err:  # "<file> is not valid JSON (...)"
+        problem = str(err)
     except (TypeError, KeyError, AttributeError):  # JSON, but no table of rows per dataset
         problem = f"{file} has no 'datasets' table of accuracies"
     raise SystemExit(f"evaluate.py: {what} {path}: {problem}; expected a summary.json written by "
@@ -252,14 +251,11 @@ def accumulate_timing(folder: str, seconds: float, images: int, resume: bool) ->
     path = os.path.join(folder, "timing.json")
     total = {"inference_seconds": 0.0, "timed_images": 0}
     if resume and os.path.isfile(path):
-        with open(path) as f:
-            total.update(json.load(f))
+        total.update(D.read_json(path))
     total["inference_seconds"] += seconds
     total["timed_images"] += images
     D.write_atomic(path, json.dumps(total))
-    total["images_per_second"] = total["timed_images"] / total["inference_seconds"] \
-        if total["inference_seconds"] else None
-    return total
+    return dict(total, images_per_second=images_per_second(total))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -270,30 +266,22 @@ def parse_eval_args(argv):
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                      formatter_class=HelpFormatter)
     a = parser.add_argument
-    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id (zero-shot), a checkpoint "
-      "directory of train_sft.py / train_grpo.py, or 'tiny' (random weights, CPU tests)")
-    a("--dataset", default="demo", help="a dataset, several joined by commas, 'all' (the paper's "
-      f"11: {', '.join(D.DATASETS)}), or demo")
+    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, checkpoint folder, or 'tiny'")
+    a("--dataset", default="demo", help="a dataset, several joined by commas, or 'all' (the 11)")
     a("--data-root", default=None, help="folder holding the datasets in the CoOp layout (see data.py)")
-    a("--setting", default="fewshot", choices=D.SETTINGS,
-      help="fewshot: all classes; base / new: the first / second half of the classes (base-to-new)")
-    a("--prompt", default=None, choices=list(PROMPTS), help="which training prompt suffix ends the "
-      "question (think = cls-rl's); default: the checkpoint's training method, else think")
-    a("--allow-prompt-mismatch", action="store_true",
-      help="evaluate with a --prompt other than the checkpoint's training method")
+    a("--setting", default="fewshot", choices=D.SETTINGS, help="base / new: half the classes each")
+    a("--prompt", choices=list(PROMPTS), help="its training suffix ends the question (default: "
+      "the checkpoint's method, else think = cls-rl's)")
+    a("--allow-prompt-mismatch", action="store_true", help="a --prompt of another method is meant")
     a("--open-set", action="store_true", help="ask without the candidate list (Table 4)")
     a("--limit", type=int, default=None, help="evaluate only the first N test images of each dataset")
     a("--batch-size", type=int, default=32, help="images per greedy decoding batch (authors: 32)")
     a("--max-new-tokens", type=int, default=1024, help="answer length limit (authors: 1024)")
-    a("--image-size", type=int, default=384, help="images are resized to this square with LANCZOS; "
-      "use the training size (authors: 384)")
-    a("--seed", type=int, default=100,
-      help="seed of the candidate lists (training's default, so --eval-every numbers match)")
+    a("--image-size", type=int, default=384, help="square LANCZOS resize: the training size")
+    a("--seed", type=int, default=100, help="seed of the candidate lists (as training's)")
     a("--output-dir", default="runs/eval", help="predictions, summary.json and summary.md go here")
-    a("--resume", action="store_true",
-      help="keep the predictions already in --output-dir and predict only the missing images")
-    a("--compare", default=None, metavar="SUMMARY", help="summary.json (or its folder) of a "
-      "zero-shot run: report the accuracy change per dataset")
+    a("--resume", action="store_true", help="keep --output-dir's predictions, predict the rest")
+    a("--compare", metavar="SUMMARY", help="a zero-shot run's summary.json: report the change")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
     args = parser.parse_args(argv)
@@ -321,16 +309,6 @@ def load_test_sets(args) -> dict[str, D.ClassificationData]:
     return test_sets
 
 
-def training_args(model_dir: str) -> dict:
-    """The args a checkpoint of this project was trained with ({} for other models)."""
-    path = os.path.join(model_dir, "trainer_state.pt")
-    if not os.path.isfile(path):
-        return {}
-    # mmap: the optimizer state beside the args can be gigabytes, and only the args are read
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return dict(state.get("args", {})) if isinstance(state, dict) else {}
-
-
 def choose_prompt(args, trained: dict) -> str:
     """--prompt, else the checkpoint's training method (its trainer_state.pt), else think; a prompt
     of another method needs --allow-prompt-mismatch. (The authors' scripts ended the question
@@ -351,8 +329,7 @@ def check_output_dir(args, names: list[str]):
     """A new run never mixes into earlier predictions; a resumed one only into its own kind."""
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = D.read_json(saved_path)
         changed = [f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {getattr(args, key)!r}"
                    for key in RESUME_MUST_MATCH if saved.get(key) != getattr(args, key)]
         if changed:
@@ -442,12 +419,12 @@ def evaluate_dataset(args, run: M.Run, model, processor, data: D.ClassificationD
 def run_evaluation(argv):
     args = parse_eval_args(argv)
     with D.one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
-        trained = training_args(args.model) if os.path.isdir(args.model) else {}
+        trained = M.saved_args(args.model) if os.path.isdir(args.model) else {}
         args.prompt = choose_prompt(args, trained)
         baseline = read_summary(args.compare, "--compare") if args.compare else None
         test_sets = load_test_sets(args)
         check_output_dir(args, list(test_sets))
-        run = M.join_job(args.device, args.output_dir, args.dist_timeout)
+        run = M.join_job(args.device, args.dist_timeout)
         if run.is_main:
             D.write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
         model, processor = M.load_model(args.model, run.device)
@@ -489,10 +466,11 @@ def merge_summaries(paths: list[str], what: str) -> dict:
 
 def command_parser(name: str, description: str, inputs: str, inputs_help: str,
                    output_default: str | None, output_help: str, rule_help: str | None = None):
-    """The parser of a table or picture command: its input files, --output-dir (plot, which
-    writes one picture: --output), and --rule where a judge is chosen (`rule_help`)."""
+    """The parser of a table or picture command (its docstring is the `description`): its input
+    files, --output-dir (plot, which writes one picture: --output), and --rule where a judge is
+    chosen (`rule_help`)."""
     parser = argparse.ArgumentParser(prog=f"evaluate.py {name}", description=description,
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(inputs, nargs="+", help=inputs_help)
     parser.add_argument("--output" if name == "plot" else "--output-dir", default=output_default,
                         help=output_help)
@@ -502,9 +480,10 @@ def command_parser(name: str, description: str, inputs: str, inputs_help: str,
 
 
 def table_main(argv) -> dict:
+    """The paper's Table 2: the accuracies of one model per dataset (each evaluated on its own)
+    and their plain mean."""
     args = command_parser(
-        "table", "The paper's Table 2: the accuracies of one model per dataset (each evaluated on "
-        "its own) and their plain mean.", "summaries", "summary.json files (or their folders)",
+        "table", table_main.__doc__, "summaries", "summary.json files (or their folders)",
         "runs/table", "table.json and table.md go here").parse_args(argv)
     merged = merge_summaries(args.summaries, "SUMMARY")
     table = dict(merged, average=average(merged["datasets"]))
@@ -520,10 +499,11 @@ def table_main(argv) -> dict:
 
 
 def base2new_main(argv) -> dict:
+    """The base-to-new table (the paper's Table 1) from evaluations of models trained on the base
+    classes, with --setting base and --setting new (one pair per dataset, or one pair covering
+    several datasets)."""
     args = command_parser(
-        "base2new", "The base-to-new table (the paper's Table 1) from evaluations of models trained "
-        "on the base classes, with --setting base and --setting new (one pair per dataset, or one "
-        "pair covering several datasets).", "summaries", "summary.json files (or their folders); "
+        "base2new", base2new_main.__doc__, "summaries", "summary.json files (or their folders); "
         "each is sorted into base or new by the --setting it was evaluated with",
         "runs/base2new", "base2new.json and base2new.md go here",
         rule_help="which judge's accuracy to tabulate").parse_args(argv)
@@ -562,13 +542,13 @@ def base2new_main(argv) -> dict:
 
 
 def matrix_main(argv) -> dict:
-    """Rows: the dataset each model was fine-tuned on; columns: evaluated datasets; cells: the
-    accuracy change against zero-shot (--zero-shot, else the run's own --compare)."""
+    """The cross-dataset 'free lunch' matrix (the paper's Figure 2) from evaluations of models
+    fine-tuned on different datasets, each run with --dataset all. Rows: the dataset each model
+    was fine-tuned on; columns: evaluated datasets; cells: the accuracy change against zero-shot
+    (--zero-shot, else the run's own --compare)."""
     parser = command_parser(
-        "matrix", "The cross-dataset 'free lunch' matrix (the paper's Figure 2) from evaluations of "
-        "models fine-tuned on different datasets, each run with --dataset all.", "runs",
-        "summary.json files (or their folders), one per fine-tuned model",
-        "runs/matrix", "matrix.json, matrix.md and matrix.png go here",
+        "matrix", matrix_main.__doc__, "runs", "summary.json files (or their folders), one per "
+        "fine-tuned model", "runs/matrix", "matrix.json, matrix.md and matrix.png go here",
         rule_help="which judge's accuracy to compare")
     parser.add_argument("--zero-shot", default=None, metavar="SUMMARY",
                         help="the zero-shot run to subtract (default: each run's own --compare)")
@@ -610,46 +590,48 @@ def matrix_main(argv) -> dict:
     return table
 
 
-def new_figure(path: str, **figure_args):
-    """A matplotlib Figure to draw `path` on, or None after a note: pictures are an optional extra."""
+def save_figure(path: str, figsize: tuple[float, float], draw) -> str | None:
+    """A matplotlib Figure drawn on by `draw(fig)`, saved as `path`; returns `path`, or None after a
+    note when matplotlib is missing: pictures are an optional extra."""
     try:
         from matplotlib.figure import Figure  # without pyplot: no display, no backend to choose
     except ImportError:
         print(f"matplotlib is not installed: skipped {path} (pip install matplotlib to draw it)")
         return None
-    return Figure(layout="tight", **figure_args)
-
-
-def plot_matrix(table: dict, path: str) -> str | None:
-    """The free-lunch heat map: green where fine-tuning helped, red where it hurt."""
-    rows, columns = list(table["rows"]), table["columns"]
-    fig = new_figure(path, figsize=(1.5 + 0.8 * len(columns), 1.2 + 0.5 * len(rows)))
-    if fig is None:
-        return None
-    grid = [[table["rows"][r].get(c) for c in columns] for r in rows]
-    limit = max([abs(v) for row in grid for v in row if v is not None] + [1e-9])
-    ax = fig.subplots()
-    image = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid],
-                      cmap="RdYlGn", vmin=-limit, vmax=limit)
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            if value is not None:
-                ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set(xlabel="evaluated on", ylabel="fine-tuned on",
-           title=f"accuracy change against zero-shot, points ({table['rule']} rule)")
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig = Figure(layout="tight", figsize=figsize)
+    draw(fig)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     print(f"wrote {path}")
     return path
 
 
+def plot_matrix(table: dict, path: str) -> str | None:
+    """The free-lunch heat map: green where fine-tuning helped, red where it hurt."""
+    rows, columns = list(table["rows"]), table["columns"]
+    grid = [[table["rows"][r].get(c) for c in columns] for r in rows]
+    limit = max([abs(v) for row in grid for v in row if v is not None] + [1e-9])
+
+    def draw(fig):
+        ax = fig.subplots()
+        image = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid],
+                          cmap="RdYlGn", vmin=-limit, vmax=limit)
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value is not None:
+                    ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set(xlabel="evaluated on", ylabel="fine-tuned on",
+               title=f"accuracy change against zero-shot, points ({table['rule']} rule)")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return save_figure(path, (1.5 + 0.8 * len(columns), 1.2 + 0.5 * len(rows)), draw)
+
+
 def plot_main(argv) -> str | None:
+    """Training curves (reward, accuracy, completion length: the paper's Figures 1 and 3) from
+    metrics.jsonl files, as a PNG. Needs matplotlib (optional)."""
     args = command_parser(
-        "plot", "Training curves (reward, accuracy, completion length: the paper's Figures 1 and 3) "
-        "from metrics.jsonl files, as a PNG. Needs matplotlib (optional).",
-        "metrics", "metrics.jsonl of one or more training runs",
+        "plot", plot_main.__doc__, "metrics", "metrics.jsonl of one or more training runs",
         None, "the PNG to write (default: training_curves.png beside the first file)").parse_args(argv)
     titles = {"reward": "mean reward", "reward_accuracy": "training accuracy (share of completions)",
               "test_accuracy": "held-out accuracy (fraction)",
@@ -666,20 +648,17 @@ def plot_main(argv) -> str | None:
                          f"{', '.join(titles)}; expected metrics.jsonl of a training run")
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])),
                                          "training_curves.png")
-    fig = new_figure(output, figsize=(4 * len(panels), 3.2))
-    if fig is None:
-        return None
-    for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, records in runs.items():
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), label=label)
-        ax.set(title=title, xlabel="step")
-        if len(runs) > 1:
-            ax.legend(fontsize=8)
-    fig.savefig(output, dpi=150, bbox_inches="tight")
-    print(f"wrote {output}")
-    return output
+
+    def draw(fig):
+        for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+            for label, records in runs.items():
+                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), label=label)
+            ax.set(title=title, xlabel="step")
+            if len(runs) > 1:
+                ax.legend(fontsize=8)
+    return save_figure(output, (4 * len(panels), 3.2), draw)
 
 
 def main(argv=None):

@@ -26,7 +26,6 @@ that has the real special tokens and chat template, for tests and the CPU demo.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import random
 import resource
@@ -40,10 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -54,23 +51,19 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 END_TOKEN = "<|im_end|>"  # end of turn: where every completion stops
 # The Qwen2-VL chat format, used for the tiny model and for any checkpoint that ships none.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
-    "{% endif %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -93,14 +86,12 @@ class Processor:
 
     @classmethod
     def from_parts(cls, tokenizer, image_processor, vocab_size: int) -> "Processor":
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         special = set(ids.values()) | set(tokenizer.all_special_ids)
-        end_id = ids[END_TOKEN]
-        blocked = sorted(i for i in special if i != end_id) + list(range(len(tokenizer), vocab_size))
-        return cls(tokenizer, image_processor, end_id, ids["<|endoftext|>"], ids["<|image_pad|>"],
-                   blocked, image_processor.merge_size)
+        blocked = sorted(special - {ids[END_TOKEN]}) + list(range(len(tokenizer), vocab_size))
+        return cls(tokenizer, image_processor, ids[END_TOKEN], ids["<|endoftext|>"],
+                   ids["<|image_pad|>"], blocked, image_processor.merge_size)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -115,15 +106,13 @@ def build_tiny_tokenizer():
     from tokenizers import pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-    words = (
-        "What type of object texture aircraft is in the photo centered satellite actions person "
-        "performing Please choose one from list output thinking process and final answer tags "
-        "directly first then a brief reasoning identify whether this problem requires intermediate "
-        "or calculation If no inside Your should follow two cases think reason the image shows "
-        "red green blue yellow purple orange pink brown black white gray cyan circle square "
-        "triangle star cross diamond ring heart moon arrow pentagon hexagon ellipse bar dog cat car "
-        "flower food plane scene dotted striped"
-    ).split()
+    words = ("What type of object texture aircraft is in the photo centered satellite actions person "
+             "performing Please choose one from list output thinking process and final answer tags "
+             "directly first then a brief reasoning identify whether this problem requires intermediate "
+             "or calculation If no inside Your should follow two cases think reason the image shows red "
+             "green blue yellow purple orange pink brown black white gray cyan circle square triangle "
+             "star cross diamond ring heart moon arrow pentagon hexagon ellipse bar dog cat car flower "
+             "food plane scene dotted striped").split()
     corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
     corpus += ["<think> </think> <answer> </answer> <reason> </reason> [ , ]. ?\n 0123456789"] * 8
     tokenizer = Qwen2Tokenizer()
@@ -140,22 +129,19 @@ def tiny_config(tokenizer):
     from transformers import Qwen2VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    # a wide init (initializer_range 0.2, not 0.02) so that random weights give input-dependent,
+    # varied greedy outputs: tests comparing against `generate` are then meaningful
+    text = dict(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[END_TOKEN],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
+                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids[END_TOKEN], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
     vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    # a wide init (0.2, not 0.02) so that random weights give input-dependent, varied greedy
-    # outputs: tests comparing against `generate` are then meaningful
-    text["initializer_range"] = vision["initializer_range"] = 0.2
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                         initializer_range=0.2,
-                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                         vision_start_token_id=ids["<|vision_start|>"],
-                         vision_end_token_id=ids["<|vision_end|>"])
+                  spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True, initializer_range=0.2,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
 def _attn_implementation(device: torch.device):
@@ -188,8 +174,7 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = Qwen2VLForConditionalGeneration(config)
-        model = model.to(device=device, dtype=dtype)
+            model = Qwen2VLForConditionalGeneration(config).to(device=device, dtype=dtype)
         image_processor = Qwen2VLImageProcessorPil()
     else:
         name = os.path.expanduser(name)
@@ -197,10 +182,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
             raise FileNotFoundError(f"--model {name}: no such directory; expected a local Hugging "
                                     "Face model directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-            raise FileNotFoundError(
-                f"--model {name}: the directory has no config.json; expected a Hugging Face model "
-                "directory (config.json, *.safetensors, tokenizer files) as saved by this project, "
-                "or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
+            raise FileNotFoundError(f"--model {name}: no config.json there; expected a Hugging Face "
+                                    "model directory (config.json, weights, tokenizer) or a hub id")
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 name, dtype=dtype, attn_implementation=_attn_implementation(device)).to(device)
@@ -266,8 +249,8 @@ def mrope_positions(input_ids: list[int], image_pad_id: int, grids: list[list[in
         if input_ids[i] == image_pad_id:
             t, h, w = next(images)
             h, w = h // merge_size, w // merge_size
-            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w),
-                                              indexing="ij")).reshape(3, -1)  # (3, t*h*w)
+            # (3, t*h*w): the (time, row, column) of each of the image's tokens
+            grid = torch.cartesian_prod(torch.arange(t), torch.arange(h), torch.arange(w)).T
             columns.append(grid + start)
             i, start = i + t * h * w, start + max(t, h, w)
         else:
@@ -302,8 +285,7 @@ def build_prompts(processor: Processor, images: list, texts: list[str], device="
             raise ValueError("the chat template must place exactly one <|image_pad|> per prompt")
         at = ids.index(processor.image_pad_id)
         n_image = grid[0] * grid[1] * grid[2] // processor.merge_size ** 2
-        ids = ids[:at] + [processor.image_pad_id] * n_image + ids[at + 1:]
-        rows.append(ids)
+        rows.append(ids[:at] + [processor.image_pad_id] * n_image + ids[at + 1:])
     return pad_prompts(rows, grids, vision["pixel_values"], processor.pad_id, processor.image_pad_id,
                        processor.merge_size, device)
 
@@ -312,22 +294,19 @@ def pad_prompts(rows: list[list[int]], grids: torch.Tensor, pixel_values: torch.
                 image_pad_id: int, merge_size: int, device="cpu") -> PromptBatch:
     """Left-pad B token rows (images already expanded) into a PromptBatch with mRoPE positions."""
     B, P = len(rows), max(len(r) for r in rows)
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, P, dtype=torch.long)
-    position_ids = torch.ones(3, B, P, dtype=torch.long)
+    input_ids = torch.tensor([[pad_id] * (P - len(ids)) + ids for ids in rows])  # (B, P)
+    attention_mask = torch.tensor([[0] * (P - len(ids)) + [1] * len(ids) for ids in rows])  # (B, P)
+    position_ids = torch.ones(3, B, P, dtype=torch.long)  # (3, B, P)
     next_position = []
     for b, (ids, grid) in enumerate(zip(rows, grids.tolist())):
         pos, nxt = mrope_positions(ids, image_pad_id, [grid], merge_size)
-        input_ids[b, P - len(ids):] = torch.tensor(ids)
-        attention_mask[b, P - len(ids):] = 1
         position_ids[:, b, P - len(ids):] = pos
         next_position.append(nxt)
-    return PromptBatch(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        mm_token_type_ids=(input_ids == image_pad_id).long().to(device),
-        pixel_values=pixel_values.to(device), image_grid_thw=grids.to(device),
-        next_position=torch.tensor(next_position, device=device))
+    return PromptBatch(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device),
+                       mm_token_type_ids=(input_ids == image_pad_id).long().to(device),
+                       pixel_values=pixel_values.to(device), image_grid_thw=grids.to(device),
+                       next_position=torch.tensor(next_position, device=device))
 
 
 def slice_prompts(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
@@ -336,13 +315,12 @@ def slice_prompts(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
     patches = prompts.image_grid_thw.prod(1)  # (B,) patches per image, stored row after row
     first, last = int(patches[:start].sum()), int(patches[:end].sum())
     keep = int(prompts.attention_mask[start:end].sum(1).max())
-    return PromptBatch(
-        input_ids=prompts.input_ids[start:end, -keep:],
-        attention_mask=prompts.attention_mask[start:end, -keep:],
-        position_ids=prompts.position_ids[:, start:end, -keep:],
-        mm_token_type_ids=prompts.mm_token_type_ids[start:end, -keep:],
-        pixel_values=prompts.pixel_values[first:last], image_grid_thw=prompts.image_grid_thw[start:end],
-        next_position=prompts.next_position[start:end])
+
+    def cut(tokens: torch.Tensor) -> torch.Tensor:  # (..., B, P) -> (..., end - start, keep)
+        return tokens[..., start:end, -keep:]
+    return PromptBatch(cut(prompts.input_ids), cut(prompts.attention_mask), cut(prompts.position_ids),
+                       cut(prompts.mm_token_type_ids), prompts.pixel_values[first:last],
+                       prompts.image_grid_thw[start:end], prompts.next_position[start:end])
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -378,10 +356,8 @@ def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniform
 
 def _row_uniforms(seeds, group_size: int, steps: int, device) -> torch.Tensor:
     """(B*G, steps) uniforms in (0, 1]: row b*G + g draws from a generator seeded with seeds[b]."""
-    rows = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(int(seed))
-        rows.append(1.0 - torch.rand(group_size, steps, generator=generator, dtype=torch.float64))
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    rows = [1.0 - torch.rand(group_size, steps, generator=g, dtype=torch.float64) for g in generators]
     return torch.cat(rows).float().to(device)
 
 
@@ -408,12 +384,11 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
-                image_grid_thw=prompts.image_grid_thw, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    logits = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                   position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
+                   image_grid_thw=prompts.image_grid_thw, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1].float().repeat_interleave(G, 0)  # (BG, V)
     cache.batch_repeat_interleave(G)  # the prompt's keys/values, shared by its G samples
-    logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # (BG, V)
     attention_mask = prompts.attention_mask.repeat_interleave(G, 0)  # (BG, P)
     next_position = prompts.next_position.repeat_interleave(G)  # (BG,)
 
@@ -430,9 +405,8 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B * G, 1)], 1)
         position = (next_position + step).view(1, B * G, 1).expand(3, B * G, 1)  # (3, BG, 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # (BG, V)
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()  # (BG, V)
 
     completion_ids = torch.stack(tokens, 1)  # (BG, T)
     return Rollout(completion_ids, completion_mask(completion_ids, processor.end_id),
@@ -446,18 +420,15 @@ def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
     [[1, 1, 0, 0], [1, 1, 1, 1]]
     """
     is_end = (completion_ids == end_id).long()
-    ends_before = is_end.cumsum(1) - is_end  # (N, T) end tokens strictly before each position
-    return (ends_before == 0).long()
+    # (N, T): no end token strictly before the position
+    return (is_end.cumsum(1) - is_end == 0).long()
 
 
 def decode_completions(processor: Processor, completion_ids: torch.Tensor) -> list[str]:
     """Decoded text of each row up to (not including) its first end token."""
-    texts = []
-    for row in completion_ids.tolist():
-        if processor.end_id in row:
-            row = row[:row.index(processor.end_id)]
-        texts.append(processor.tokenizer.decode(row, skip_special_tokens=False))
-    return texts
+    end = processor.end_id
+    rows = [row[:row.index(end)] if end in row else row for row in completion_ids.tolist()]
+    return [processor.tokenizer.decode(row, skip_special_tokens=False) for row in rows]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -506,9 +477,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 chunk_grad = (grad_logits.T @ h).to(lse.dtype)  # a no-op cast for fp32
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -518,8 +487,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
     At most `max_chunk_elements` logits (128 MB in fp32 by default) exist at any time.
     """
-    chunk_size = max(1, max_chunk_elements // weight.shape[0])
-    return _TokenLogprobs.apply(hidden, weight, targets, chunk_size)
+    return _TokenLogprobs.apply(hidden, weight, targets, max(1, max_chunk_elements // weight.shape[0]))
 
 
 def shared_prefix_mask(prompt_mask: torch.Tensor, group_size: int, completion_len: int):
@@ -537,10 +505,8 @@ def shared_prefix_mask(prompt_mask: torch.Tensor, group_size: int, completion_le
     device = prompt_mask.device
     # segment: 0 for the prompt, g + 1 for completion g; -1 for padding
     segment = torch.arange(group_size, device=device).repeat_interleave(completion_len) + 1
-    segment = torch.cat([torch.where(prompt_mask.bool(), 0, -1),
-                         segment.expand(B, -1)], 1)  # (B, L)
-    index = torch.arange(L, device=device)
-    causal = index[:, None] >= index[None, :]  # (L, L)
+    segment = torch.cat([torch.where(prompt_mask.bool(), 0, -1), segment.expand(B, -1)], 1)  # (B, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
     query, key = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
     visible = causal & (key >= 0) & ((key == 0) | (key == query)) & (query >= 0)
     return (visible | torch.eye(L, dtype=torch.bool, device=device)).unsqueeze(1)  # (B, 1, L, L)
@@ -558,14 +524,11 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
     G, T = group_size, completion_ids.shape[1]
     device = completion_ids.device
     steps = torch.arange(T, device=device)
-    completion_positions = (prompts.next_position[:, None] + steps).repeat(1, G)  # (B, G*T)
     input_ids = torch.cat([prompts.input_ids, completion_ids.view(B, G * T)], 1)  # (B, L)
-    position_ids = torch.cat([prompts.position_ids,
-                              completion_positions.unsqueeze(0).expand(3, -1, -1)], 2)  # (3, B, L)
+    # every completion's positions continue from its prompt's: (3, B, G*T), on all three axes
+    completion_positions = (prompts.next_position[:, None] + steps).repeat(1, G).expand(3, -1, -1)
+    position_ids = torch.cat([prompts.position_ids, completion_positions], 2)  # (3, B, L)
     mask = shared_prefix_mask(prompts.attention_mask, G, T)  # (B, 1, L, L)
-    if model.config.text_config._attn_implementation == "eager":  # eager adds the mask to scores
-        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill_(
-            ~mask, torch.finfo(model.dtype).min)
     hidden = model.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
                          use_cache=False).last_hidden_state  # (B, L, H)
@@ -574,11 +537,10 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
     source = P + torch.arange(G, device=device)[:, None] * T + steps - 1  # (G, T)
     source[:, 0] = P - 1
     hidden = hidden[:, source.flatten()].reshape(B * G * T, -1)  # (BGT, H)
-    logprobs = token_logprobs(hidden, model.lm_head.weight, completion_ids.flatten())
-    return logprobs.view(B * G, T)
+    return token_logprobs(hidden, model.lm_head.weight, completion_ids.flatten()).view(B * G, T)
 
 
-class GroupScorer(nn.Module):
+class GroupScorer(torch.nn.Module):
     """`completion_logprobs` as a module, so one DDP-wrapped forward covers the whole scoring
     (vision tower, shared-prefix forward, chunked log-softmax) and DDP syncs every gradient.
     Under FSDP it is the root unit, so the output layer's weight is gathered for its forward."""
@@ -600,26 +562,24 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
-    output_dir: str
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def join_job(device: str | None, output_dir: str, timeout_minutes: float = 30) -> Run:
+def join_job(device: str | None, timeout_minutes: float = 30) -> Run:
     """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), else run alone.
     `device` is the --device flag: cpu, cuda, or None for cuda when available."""
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if "RANK" not in os.environ:
-        return Run(0, 1, torch.device("cuda" if cuda else "cpu"), output_dir)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    rank_device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        return Run(0, 1, torch.device("cuda" if cuda else "cpu"))
+    rank_device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(rank_device)
     # a timeout, so a dead rank makes the others fail instead of waiting forever
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
-    return Run(dist.get_rank(), dist.get_world_size(), rank_device, output_dir)
+    return Run(dist.get_rank(), dist.get_world_size(), rank_device)
 
 
 def print0(run: Run, *args, **kwargs):
@@ -632,12 +592,12 @@ def barrier(run: Run):
         dist.barrier()
 
 
-def all_reduce_sum(run: Run, values: dict) -> dict:
-    """Sum each value over ranks (one collective for the whole dict)."""
+def all_reduce(run: Run, values: dict, op=dist.ReduceOp.SUM) -> dict:
+    """Each value summed over ranks (or reduced with `op`), in one collective for the whole dict."""
     if run.world_size == 1:
         return {k: float(v) for k, v in values.items()}
     packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=run.device)
-    dist.all_reduce(packed)
+    dist.all_reduce(packed, op=op)
     return dict(zip(values, packed.tolist()))
 
 
@@ -655,11 +615,10 @@ _SIGNAL = {"number": 0, "handlers": {}}  # the last TERM / INT received (0: none
 def catch_stop_signals():
     """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) no longer kill the process: they
     ask it to stop at the next step boundary, where every rank saves and exits together."""
-    def request_stop(signum, frame):
-        _SIGNAL["number"] = signum
     _SIGNAL["number"] = 0
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        _SIGNAL["handlers"][signum] = signal.signal(signum, request_stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # the handler only records the signal
+        _SIGNAL["handlers"][signum] = signal.signal(
+            signum, lambda number, frame: _SIGNAL.update(number=number))
 
 
 def release_stop_signals():
@@ -680,18 +639,12 @@ def stop_signal(run: Run) -> int:
 
 # ----------------------------------------------------------------------------- training
 
-def default_precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def compute_context(precision: str, device: torch.device):
     """Where the forward and backward math of `--precision bf16` happens: autocast to bf16 over
     fp32 weights. Autocast keeps the bf16 copy of every weight that requires grad for the life
     of its outermost region, so one region around a whole rollout casts each weight ONCE, not
     once per decode step. `fp32`: plain fp32 math."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_checkpointing: bool,
@@ -707,14 +660,11 @@ def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_check
     model.train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if fsdp:
-        scorer = shard(model, run, precision)
-    else:
-        scorer = GroupScorer(model)
-        if run.world_size > 1:
-            # gradients as views into DDP's all-reduce buckets: no second gradient-sized buffer
-            scorer = DDP(scorer, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                         gradient_as_bucket_view=True)
+    scorer = shard(model, run, precision) if fsdp else GroupScorer(model)
+    if run.world_size > 1 and not fsdp:
+        # gradients as views into DDP's all-reduce buckets: no second gradient-sized buffer
+        scorer = DDP(scorer, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                     gradient_as_bucket_view=True)
     return scorer, new_optimizer(model, run, lr, weight_decay)
 
 
@@ -781,8 +731,7 @@ def sync_gradients(scorer, last: bool):
     fp32 gradients (4 bytes per parameter)."""
     if isinstance(scorer, FSDPModule):
         scorer.set_requires_gradient_sync(last)
-        return nullcontext()
-    return nullcontext() if last or not isinstance(scorer, DDP) else scorer.no_sync()
+    return scorer.no_sync() if isinstance(scorer, DDP) and not last else nullcontext()
 
 
 def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[float, bool]:
@@ -798,20 +747,18 @@ def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[f
     if isinstance(total_norm, DTensor):
         total_norm = total_norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, total_norm)
-    grad_norm = float(total_norm)
-    skipped = not math.isfinite(grad_norm)
+    skipped = not torch.isfinite(total_norm)
     if not skipped:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
+    return float(total_norm), skipped
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: str, run: Run, model, processor: Processor, optimizer, state: dict,
-                    precision: str):
+def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dict, precision: str):
     """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
     --precision bf16, as the hub ships Qwen2-VL), trainer_state.pt (`state`, the optimizer, and
     under bf16 the fp32 master weights, so a resume never re-rounds them) and one RNG file per
@@ -836,8 +783,7 @@ def save_checkpoint(path: str, run: Run, model, processor: Processor, optimizer,
             if precision == "bf16":
                 if not fsdp:
                     state = {**state, "master_weights": weights}
-                weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                           for k, v in weights.items()}
+                weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         if fsdp:
@@ -877,6 +823,14 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
     return state
 
 
+def saved_args(folder: str) -> dict:
+    """The flags a checkpoint of this project was trained with ({} for any other model folder).
+    mmap: only the args are read, not the optimizer state beside them (gigabytes)."""
+    path = os.path.join(folder, "trainer_state.pt")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"] \
+        if os.path.isfile(path) else {}
+
+
 def full_state_dict(model) -> dict:
     """The model's complete state dict. Under FSDP every rank must call this (each weight is
     gathered in turn) and only rank 0 gets it, on the CPU; the others get {}."""
@@ -898,8 +852,7 @@ def sharded_state(model, optimizer, with_optimizer: bool) -> dict:
     yet a state (by a zero step), and the first real update would then count as its second."""
     if not with_optimizer:
         return {"model": get_model_state_dict(model)}
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optimizer_state}
+    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
 
 
 def rng_state() -> dict:

@@ -43,56 +43,45 @@ from tqdm import tqdm
 
 from rewards import reward_components, thinks, total_reward
 from data import check_flags, load_step_examples, one_line_errors
-from model import (GroupScorer, PromptBatch, Run, all_reduce_sum, barrier, build_prompts,
+from model import (GroupScorer, PromptBatch, Run, all_reduce, barrier, build_prompts,
                    compute_context, full_state_dict, full_weights, load_checkpoint, load_model,
                    new_optimizer, optimizer_step, peak_memory_gb, prepare_training, print0,
                    sample_groups, save_pretrained, shard, slice_prompts, sync_gradients)
-from train_sft import (add_training_flags, checkpoint_dirs, due, finish, fit, held_out_accuracy,
-                       load_train_test, log_metrics, lr_at, save_or_stop, start_run, total_steps)
+from train_sft import (checkpoint_dirs, due, finish, fit, held_out_accuracy, log_metrics, lr_at,
+                       save_or_stop, start_run, total_steps, training_parser)
 
 # Epochs on 4-shot data, as the authors trained (docs/method.md section 5).
 EPOCHS = {"imagenet": 10, "sun397": 25, "eurosat": 100}
 DEFAULT_EPOCHS = 50
-DEMO_ARGS = ["--model", "tiny", "--dataset", "demo", "--method", "no-think", "--image-size", "112",
-             "--shots", "16", "--warm-start-steps", "40", "--lr", "1e-3", "--beta", "0.04",
-             "--num-generations", "8", "--batch-size", "4", "--grad-accum", "2",
-             "--max-new-tokens", "8", "--max-steps", "100", "--eval-every", "25",
-             "--output-dir", "runs/demo", "--device", "cpu"]
+DEMO_ARGS = ("--model tiny --dataset demo --method no-think --image-size 112 --shots 16 "
+             "--warm-start-steps 40 --lr 1e-3 --beta 0.04 --num-generations 8 --batch-size 4 "
+             "--grad-accum 2 --max-new-tokens 8 --max-steps 100 --eval-every 25 "
+             "--output-dir runs/demo --device cpu --demo").split()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_flags(parser, lr=1e-6, epochs_help="epochs over the few-shot set (default: the "
-                       f"authors' per dataset: {EPOCHS}, others {DEFAULT_EPOCHS})",
-                       max_new_tokens=1024, max_new_tokens_help="completion length limit (authors: 1024)")
+    parser = training_parser(__doc__, lr=1e-6, max_new_tokens=1024,
+                             max_new_tokens_help="completion length limit (authors: 1024)",
+                             epochs_help=f"epochs (default: per dataset {EPOCHS}, others {DEFAULT_EPOCHS})")
     a = parser.add_argument
     a("--num-generations", type=int, default=4, help="G: completions sampled per prompt")
     a("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     a("--top-p", type=float, default=1.0, help="nucleus sampling threshold of the rollouts")
     a("--beta", type=float, default=0.04, help="KL penalty weight; 0 loads no reference model")
     a("--epsilon", type=float, default=0.2, help="PPO clipping range of the probability ratio")
-    a("--num-iterations", type=int, default=1,
-      help="updates per rollout (mu); >1 reuses the rollout with the ratio against its log-probs")
+    a("--num-iterations", type=int, default=1, help="updates per rollout (mu); >1: ratio to its logp")
     a("--loss-norm", default="sequence", choices=["sequence", "token"],
-      help="sequence: mean over each completion's tokens, then over completions (the paper); "
-           "token: mean over all completion tokens of the global batch")
-    a("--warm-start-steps", type=int, default=0,
-      help="supervised steps (train_sft.fit) before GRPO; the demo uses it so rewards are not all 0")
+      help="sequence: per-completion token mean, then their mean (paper); token: over all tokens")
+    a("--warm-start-steps", type=int, default=0, help="SFT steps before GRPO (the demo: so rewards vary)")
     a("--warm-start-lr", type=float, default=3e-3, help="constant learning rate of the warm start")
-    a("--demo", action="store_true",
-      help="the offline demo (what running with no arguments does); other flags change its settings")
+    a("--demo", action="store_true", help="the offline demo (no arguments); other flags change it")
     argv = sys.argv[1:] if argv is None else list(argv)
-    demo = not argv or "--demo" in argv
-    if demo:  # the demo's settings first, so that flags given with --demo override them
-        argv = DEMO_ARGS + [arg for arg in argv if arg != "--demo"]
+    if not argv or "--demo" in argv:  # the demo's settings first: flags given with it override them
+        argv = DEMO_ARGS + argv
     args = parser.parse_args(argv)
-    args.demo = demo
     args.epochs = EPOCHS.get(args.dataset, DEFAULT_EPOCHS) if args.epochs is None else args.epochs
     check_flags(args, at_least=dict(num_generations=2, num_iterations=1, beta=0, warm_start_steps=0),
-                above=dict(temperature=0, top_p=0, epsilon=0, warm_start_lr=0))
-    if args.top_p > 1:
-        raise SystemExit(f"--top-p {args.top_p}: expected at most 1")
+                above=dict(temperature=0, top_p=0, epsilon=0, warm_start_lr=0), at_most=dict(top_p=1))
     return args
 
 
@@ -126,22 +115,18 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, beta: f
     adv = advantages[:, None]  # (N, 1)
     # min, not max: for adv < 0 this caps how far the update may push the ratio below 1 - eps
     policy = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)  # (N, T)
-    per_token = policy
-    kl = torch.zeros_like(policy)
-    if beta:
-        delta = ref_logprobs - logprobs
-        kl = torch.exp(delta) - delta - 1  # (N, T)
-        per_token = policy + beta * kl
+    # no reference when beta = 0: delta 0, so kl 0 (and logged as such)
+    delta = ref_logprobs - logprobs if beta else torch.zeros_like(logprobs)  # (N, T)
+    kl = torch.exp(delta) - delta - 1  # (N, T)
+    per_token = policy + beta * kl
     mask = mask.to(per_token.dtype)
-    if loss_norm == "sequence":
-        summed = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
-    else:
-        summed = (per_token * mask).sum()
+    masked = per_token * mask  # (N, T)
+    total = (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() if loss_norm == "sequence" else masked.sum()
     clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
     with torch.no_grad():
         stats = {"kl_sum": float((kl * mask).sum()), "clipped_tokens": float((clipped * mask).sum()),
                  "tokens": float(mask.sum())}
-    return summed / normaliser, stats
+    return total / normaliser, stats
 
 
 @dataclass(frozen=True)
@@ -181,11 +166,8 @@ def micro_steps(args, scorer, reference, prompts: PromptBatch, sampled, advantag
 
 def main(argv=None):
     args = parse_args(argv)
-    run, checkpoint = start_run(args, "train_grpo.py")
     t_start = time.time()
-    with one_line_errors("train_grpo.py"):
-        train_data, test_data = load_train_test(args)
-        model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+    run, checkpoint, train_data, test_data, model, processor = start_run(args, "train_grpo.py")
     resuming_grpo = checkpoint is not None and not os.path.basename(checkpoint).startswith("warm_start-")
     scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing,
                                          args.fsdp, args.precision)
@@ -254,12 +236,10 @@ def main(argv=None):
             times["optimizer"] = timer(run.device)
             if skipped:
                 print0(run, f"step {step + 1}: non-finite gradient norm; every rank skipped the update")
-            record = {"step": step + 1, "iteration": iteration, **rollout,
-                      **update_record(run, sums, grad_norm, skipped, lr, times, iteration == 0,
-                                      rollout["prompt_tokens"] + rollout["completion_tokens"])}
+            record = update_record(run, step, iteration, rollout, sums, grad_norm, skipped, lr, times)
             if iteration == mu - 1 and due(args.eval_every, step + 1, total):
                 record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, scorer)
-            log_metrics(run, "metrics.jsonl", record)
+            log_metrics(args, run, "metrics.jsonl", record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", length=f"{record['completion_length']:.1f}")
         save_or_stop(args, run, step + 1, total, model, processor, optimizer)
@@ -281,13 +261,12 @@ def warm_start(args, run: Run, model, processor, scorer, train_data, test_data, 
         accuracy = held_out_accuracy(args, run, model, processor, test_data, scorer)
         print0(run, f"held-out accuracy of the untrained model: {100 * accuracy:.1f}%")
     print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
-    warm = argparse.Namespace(**{**vars(args), "max_steps": args.warm_start_steps,
-                                 "lr": args.warm_start_lr, "lr_schedule": "constant",
-                                 "run_args": vars(args)})  # what its checkpoints record for --resume
+    # run_args: what its checkpoints record for --resume
+    warm = argparse.Namespace(**dict(vars(args), max_steps=args.warm_start_steps,
+                                     lr=args.warm_start_lr, lr_schedule="constant", run_args=vars(args)))
     optimizer = new_optimizer(model, run, warm.lr, args.weight_decay)
     start = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0
-    fit(warm, run, model, processor, train_data, scorer, optimizer, start,
-        log_name="warm_start.jsonl", prefix="warm_start-")
+    fit(warm, run, model, processor, train_data, scorer, optimizer, start, prefix="warm_start-")
     weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
     if run.is_main:
         save_pretrained(model, processor, os.path.join(args.output_dir, "warm_start"), weights)
@@ -304,14 +283,11 @@ def load_reference(args, run: Run, checkpoint: str | None):
     sharded, for one all-gather of it per micro-step: the room a 7B run on 80 GB GPUs needs."""
     if not args.beta:
         return None
-    source = args.model
-    if args.warm_start_steps:
-        run_dir = os.path.dirname(checkpoint) if checkpoint else args.output_dir
-        source = os.path.join(run_dir, "warm_start")
+    run_dir = os.path.dirname(checkpoint) if checkpoint else args.output_dir
+    source = os.path.join(run_dir, "warm_start") if args.warm_start_steps else args.model
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     with one_line_errors("train_grpo.py"):
-        reference, _ = load_model(source, run.device, dtype=dtype)
-    reference.requires_grad_(False)
+        reference = load_model(source, run.device, dtype=dtype)[0].requires_grad_(False)
     return shard(reference, run, args.precision, frozen=True) if args.fsdp else GroupScorer(reference)
 
 
@@ -320,33 +296,34 @@ def rollout_record(args, run: Run, sampled, rewards, components, prompts, unread
     rates are fractions of completions (or of groups), lengths in tokens."""
     lengths = sampled.completion_mask.sum(1).float()  # (BAG,)
     group_rewards = rewards.view(-1, args.num_generations)  # (BA, G)
-    g = all_reduce_sum(run, {
+    g = all_reduce(run, {
         "reward": rewards.sum(), "completions": len(rewards),
         **{f"reward_{name}": sum(c[name] for c in components) for name in components[0]},
         "thinking": sum(thinks(text) for text in sampled.texts), "tokens": lengths.sum(),
         "prompt_tokens": prompts.attention_mask.sum(), "groups": len(group_rewards),
         "zero_spread": (group_rewards.std(1) == 0).sum(), "unreadable": unreadable})
-    extremes = torch.stack([lengths.max(), -lengths.min()]).to(run.device)
-    if run.world_size > 1:
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    extremes = all_reduce(run, {"max": lengths.max(), "-min": -lengths.min()}, op=dist.ReduceOp.MAX)
     n = g["completions"]
     return {"reward": g["reward"] / n, **{k: g[k] / n for k in g if k.startswith("reward_")},
             "think_share": g["thinking"] / n, "completion_length": g["tokens"] / n,
-            "completion_length_min": -float(extremes[1]), "completion_length_max": float(extremes[0]),
+            "completion_length_min": -extremes["-min"], "completion_length_max": extremes["max"],
             "zero_spread_share": g["zero_spread"] / g["groups"], "unreadable_images": int(g["unreadable"]),
             "completion_tokens": g["tokens"], "prompt_tokens": g["prompt_tokens"]}
 
 
-def update_record(run: Run, sums: dict, grad_norm: float, skipped: bool, lr: float, times: dict,
-                  first: bool, tokens: float) -> dict:
-    """One update's numbers over the global batch, with where the step's time went (rollout and
-    reference work happen once per rollout, in its first iteration)."""
-    g = all_reduce_sum(run, sums)
-    return {"loss": g["loss"] / run.world_size,  # each rank's loss is already over the global batch
+def update_record(run: Run, step: int, iteration: int, rollout: dict, sums: dict, grad_norm: float,
+                  skipped: bool, lr: float, times: dict) -> dict:
+    """The log record of one update: its step and iteration, the rollout's numbers, and the
+    update's over the global batch with where the step's time went (rollout and reference work
+    happen once per rollout, in its first iteration)."""
+    g = all_reduce(run, sums)
+    tokens = rollout["prompt_tokens"] + rollout["completion_tokens"]
+    # each rank's loss is already over the global batch
+    return {"step": step + 1, "iteration": iteration, **rollout, "loss": g["loss"] / run.world_size,
             "kl": g["kl_sum"] / max(g["tokens"], 1), "clip_fraction": g["clipped_tokens"] / max(g["tokens"], 1),
             "grad_norm": grad_norm, "lr": lr, "skipped_update": skipped,
-            "rollout_seconds": times["rollout"] - times["start"] if first else 0.0,
-            "reference_seconds": times["reference"] - times["rollout"] if first else 0.0,
+            "rollout_seconds": times["rollout"] - times["start"] if iteration == 0 else 0.0,
+            "reference_seconds": times["reference"] - times["rollout"] if iteration == 0 else 0.0,
             "policy_seconds": times["policy"] - times["policy_start"],
             "optimizer_seconds": times["optimizer"] - times["policy"],
             "step_seconds": times["optimizer"] - times["start"],

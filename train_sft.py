@@ -19,7 +19,7 @@ A 7B model's fp32 weights, gradients and AdamW state (16 bytes per parameter) fi
 80 GB GPU: add `--fsdp` to the torchrun command (with `--model Qwen/Qwen2-VL-7B-Instruct`) to
 shard them over the GPUs (torch's FSDP2, model.shard) instead of holding a copy on each (DDP).
 
-train_grpo.py builds on this file: the same flags (`add_training_flags`), the same run set-up
+train_grpo.py builds on this file: the same flags (`training_parser`), the same run set-up
 (`start_run`: flag checks, output folder, resume checks, signals) and, for its warm start, the
 SFT loop itself (`fit`).
 """
@@ -40,13 +40,13 @@ from tqdm import tqdm
 from data import (DATASETS, PROMPT_SUFFIX, append_jsonl, check_flags, load_data, load_step_examples,
                   one_line_errors, write_atomic)
 from evaluate import accuracy
-from model import (Processor, Run, all_reduce_sum, barrier, build_prompts, catch_stop_signals,
-                   compute_context, default_precision, full_weights, join_job, load_checkpoint,
-                   load_model, optimizer_step, peak_memory_gb, prepare_training, print0,
-                   release_stop_signals, save_checkpoint, stop_signal, sync_gradients)
+from model import (Processor, Run, all_reduce, barrier, build_prompts, catch_stop_signals,
+                   compute_context, full_weights, join_job, load_checkpoint, load_model, optimizer_step,
+                   peak_memory_gb, prepare_training, print0, release_stop_signals, save_checkpoint,
+                   saved_args, stop_signal, sync_gradients)
 
-SFT_TARGETS = {"no-think": "{label}", "cls-rl": "<answer>{label}</answer>",
-               "think-after-answer": "<answer>{label}</answer>", "adaptive": "<answer>{label}</answer>"}
+# The answer SFT teaches: in <answer> tags for every tag-based prompt, bare for no-think.
+SFT_TARGETS = {**dict.fromkeys(PROMPT_SUFFIX, "<answer>{label}</answer>"), "no-think": "{label}"}
 # Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "eval_every",
                      "eval_limit", "eval_batch_size", "device", "dist_timeout", "demo"}
@@ -62,18 +62,16 @@ def sft_batch(processor: Processor, labels: list[str], method: str, device):
                                 add_special_tokens=False)["input_ids"] + [processor.end_id]
             for label in labels]
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), processor.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
+    ids = torch.tensor([row + [processor.pad_id] * (T - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in rows])
     return ids.to(device), mask.to(device)
 
 
 def fit(args, run: Run, model, processor, train_data, scorer, optimizer, start_step: int = 0,
-        test_data=None, log_name: str = "metrics.jsonl", prefix: str = "checkpoint-") -> None:
+        test_data=None, prefix: str = "checkpoint-") -> None:
     """The SFT loop, `args.max_steps` or `args.epochs` of it. One step = `grad_accum`
     micro-batches of `batch_size` prompts per rank. train_grpo.py runs it as its warm start
-    (checkpoints named warm_start-*, saved only when a signal stops it)."""
+    (prefix warm_start-: checkpoints named so, not saved at the end, log in warm_start.jsonl)."""
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A = args.batch_size, args.grad_accum
     bar = tqdm(total=total, initial=start_step, desc="sft" if prefix == "checkpoint-" else "warm start",
@@ -98,7 +96,7 @@ def fit(args, run: Run, model, processor, train_data, scorer, optimizer, start_s
             tokens += int(target_mask.sum())
         lr = lr_at(args, step, total)
         grad_norm, skipped = optimizer_step(model, optimizer, lr, args.max_grad_norm)
-        stats = all_reduce_sum(run, {"loss": loss_sum, "prompts": len(batch.texts),
+        stats = all_reduce(run, {"loss": loss_sum, "prompts": len(batch.texts),
                                      "unreadable_images": batch.unreadable, "answer_tokens": tokens})
         record = dict(step=step + 1, loss=stats["loss"] / stats["prompts"], grad_norm=grad_norm,
                       lr=lr, skipped_update=skipped, unreadable_images=stats["unreadable_images"],
@@ -106,30 +104,22 @@ def fit(args, run: Run, model, processor, train_data, scorer, optimizer, start_s
                       seconds=time.perf_counter() - t0, peak_memory_gb=peak_memory_gb())
         if test_data is not None and due(args.eval_every, step + 1, total):
             record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, scorer)
-        log_metrics(run, log_name, record)
+        log_metrics(args, run, "metrics.jsonl" if prefix == "checkpoint-" else "warm_start.jsonl", record)
         bar.update(1), bar.set_postfix(loss=f"{record['loss']:.3f}")
-        save_or_stop(args, run, step + 1, total, model, processor, optimizer, prefix,
-                     save_at_end=prefix == "checkpoint-")
+        save_or_stop(args, run, step + 1, total, model, processor, optimizer, prefix)
     bar.close()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_flags(parser, lr=1e-5, epochs_help="training epochs (default 5)", max_new_tokens=64,
-                       max_new_tokens_help="answer length limit of the held-out evaluation")
+    parser = training_parser(__doc__, lr=1e-5, epochs=5, epochs_help="training epochs",
+                             max_new_tokens=64, max_new_tokens_help="held-out answer length limit")
     args = parser.parse_args(argv)
-    args.epochs = 5 if args.epochs is None else args.epochs
-    run, checkpoint = start_run(args, "train_sft.py")
-    with one_line_errors("train_sft.py"):
-        train_data, test_data = load_train_test(args)
-        model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+    run, checkpoint, train_data, test_data, model, processor = start_run(args, "train_sft.py")
     scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing,
                                          args.fsdp, args.precision)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0
-    print0(run, f"SFT on {args.dataset} ({args.setting}, {len(train_data.examples)} training "
-                f"examples, {len(train_data.classnames)} classes), {run.world_size} process(es), "
-                f"{args.precision} precision")
+    print0(run, f"SFT on {args.dataset} ({args.setting}, {len(train_data.examples)} examples, "
+                f"{run.world_size} process(es), {args.precision} precision)")
     t0 = time.time()
     fit(args, run, model, processor, train_data, scorer, optimizer, start_step, test_data)
     finish(args, run, t0)
@@ -137,35 +127,32 @@ def main(argv=None):
 
 # ============================================================================ what every run does
 
-def add_training_flags(parser, lr: float, epochs_help: str, max_new_tokens: int,
-                       max_new_tokens_help: str):
-    """Flags that mean the same thing in train_sft.py and train_grpo.py."""
+def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
+                    max_new_tokens_help: str, epochs: float | None = None):
+    """The command line of a training script (its docstring `doc`) with the flags that mean the
+    same thing in train_sft.py and train_grpo.py (`epochs` None: the script sets the default
+    after parsing); train_grpo.py adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
-    a("--model", default="Qwen/Qwen2-VL-2B-Instruct",
-      help="hub id, local Hugging Face directory, or 'tiny' (random-weight, CPU tests and demo)")
+    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, local folder, or 'tiny' (offline)")
     a("--dataset", default="demo", choices=list(DATASETS) + ["demo"], help="training dataset")
     a("--data-root", default=None, help="folder holding the datasets in the CoOp layout (see data.py)")
-    a("--setting", default="fewshot", choices=["fewshot", "base2new"],
-      help="fewshot: all classes; base2new: train on the base half of the classes")
+    a("--setting", default="fewshot", choices=["fewshot", "base2new"], help="base2new: the base half")
     a("--shots", type=int, default=4, help="training images per class")
-    a("--method", default="no-think", choices=list(PROMPT_SUFFIX),
-      help="prompt (and for GRPO, reward) recipe")
+    a("--method", default="no-think", choices=list(PROMPT_SUFFIX), help="prompt and GRPO reward recipe")
     a("--lr", type=float, default=lr, help="peak learning rate")
-    a("--lr-schedule", default="linear", choices=["linear", "constant"],
-      help="linear decay to 0 over the run (the authors' trainer default), or constant")
+    a("--lr-schedule", default="linear", choices=["linear", "constant"], help="linear: to 0 (authors')")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping threshold")
-    a("--epochs", type=float, default=None, help=epochs_help)
+    a("--epochs", type=float, default=epochs, help=epochs_help)
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, default=1, help="prompts per process per micro-step")
     a("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
     a("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
-    a("--image-size", type=int, default=384,
-      help="images are resized to this square with LANCZOS (384 as the authors ran; the paper says 328)")
+    a("--image-size", type=int, default=384, help="square LANCZOS resize (authors: 384; paper: 328)")
     a("--seed", type=int, default=100, help="few-shot choice, candidate lists and sampling (authors: 100)")
-    a("--precision", default=None, choices=["bf16", "fp32"],
-      help="bf16: fp32 master weights, gradients and AdamW state, bf16 math, bf16 frozen reference; "
-           "fp32: everything fp32 (default: bf16 on GPU, fp32 on CPU)")
+    a("--precision", choices=["bf16", "fp32"], help="bf16: fp32 masters, bf16 math (default on GPU)")
     a("--output-dir", default="runs/latest", help="checkpoints, metrics.jsonl and args.json go here")
     a("--resume", default=None, help="checkpoint directory to continue from, or 'latest' in --output-dir")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -174,26 +161,25 @@ def add_training_flags(parser, lr: float, epochs_help: str, max_new_tokens: int,
     a("--eval-limit", type=int, default=None, help="test images used by --eval-every (default: all)")
     a("--eval-batch-size", type=int, default=32, help="prompts per greedy decoding batch in evaluation")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    a("--fsdp", action="store_true",
-      help="shard weights, gradients and AdamW state over the torchrun processes (torch FSDP2) "
-           "instead of a full copy on each (DDP): for 7B models")
+    a("--fsdp", action="store_true", help="FSDP2: shard weights, gradients, AdamW state (for 7B)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
+    return parser
 
 
-def start_run(args, script: str) -> tuple[Run, str | None]:
-    """Everything before loading: check the flags, join the job, check the output folder and
-    what --resume continues, then write args.json and catch stop signals. Returns the run and
-    the checkpoint to resume from (None for a fresh run)."""
-    check_flags(args, at_least=dict(batch_size=1, grad_accum=1, image_size=1, shots=1, max_steps=1,
-                                    max_new_tokens=1, save_every=0, keep_checkpoints=1,
-                                    eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0),
-                above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0))
+def start_run(args, script: str):
+    """Everything before training: check the flags, join the job, check the output folder and
+    what --resume continues, write args.json and catch stop signals; then load the data and the
+    model (from the checkpoint when resuming; fp32, the master weights). Returns (run,
+    checkpoint to resume from or None, training data, test data, model, processor)."""
+    check_flags(args, above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0), at_least=dict(
+        batch_size=1, grad_accum=1, image_size=1, shots=1, max_steps=1, max_new_tokens=1, save_every=0,
+        keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0))
     if args.fsdp and "RANK" not in os.environ:
         raise SystemExit("--fsdp: shards over the processes of a torchrun job; launch with torchrun "
                          "(--nproc_per_node 1 works too)")
-    run = join_job(args.device, args.output_dir, args.dist_timeout)
-    args.precision = args.precision or default_precision(run.device)
+    run = join_job(args.device, args.dist_timeout)
+    args.precision = args.precision or ("bf16" if run.device.type == "cuda" else "fp32")
     with one_line_errors(script):
         prepare_output_dir(args, run)
         checkpoint = find_checkpoint(args)
@@ -202,7 +188,10 @@ def start_run(args, script: str) -> tuple[Run, str | None]:
     if run.is_main:  # only now: a refused resume keeps the record of the run it would continue
         write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
     catch_stop_signals()
-    return run, checkpoint
+    with one_line_errors(script):
+        train_data, test_data = load_train_test(args)
+        model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+    return run, checkpoint, train_data, test_data, model, processor
 
 
 def prepare_output_dir(args, run: Run):
@@ -252,9 +241,7 @@ def find_checkpoint(args) -> str | None:
 def check_resume(args, checkpoint: str):
     """A resumed run continues the saved trajectory: any flag that would change it (model,
     data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with."""
-    # mmap: only the args are read, not the optimizer state beside them
-    saved = torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu",
-                       weights_only=False, mmap=True)["args"]
+    saved = saved_args(checkpoint)
     changed = [f"--{key.replace('_', '-')} was {saved.get(key, 'not set')!r}, now {value!r}"
                for key, value in vars(args).items()
                if key not in RESUME_MAY_CHANGE and (key not in saved or saved[key] != value)]
@@ -267,11 +254,9 @@ def check_resume(args, checkpoint: str):
 def load_train_test(args):
     """Training examples (few-shot, base classes for base2new) and the matching test split."""
     setting = "fewshot" if args.setting == "fewshot" else "base"
-    fewshot_file = os.path.join(args.output_dir, "fewshot.json")
     train = load_data(args.dataset, args.data_root, setting, "train", args.shots, args.seed,
-                      fewshot_file=fewshot_file)
-    test = load_data(args.dataset, args.data_root, setting, "test")
-    return train, test
+                      fewshot_file=os.path.join(args.output_dir, "fewshot.json"))
+    return train, load_data(args.dataset, args.data_root, setting, "test")
 
 
 def total_steps(args, num_examples: int, world_size: int) -> int:
@@ -300,18 +285,19 @@ def held_out_accuracy(args, run: Run, model, processor, test_data, scorer=None) 
                         seed=args.seed, limit=args.eval_limit)
 
 
-def log_metrics(run: Run, name: str, record: dict):
+def log_metrics(args, run: Run, name: str, record: dict):
     if run.is_main:
-        append_jsonl(os.path.join(run.output_dir, name), [record])
+        append_jsonl(os.path.join(args.output_dir, name), [record])
 
 
 def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimizer,
-                 prefix: str = "checkpoint-", save_at_end: bool = True):
-    """After optimizer step `step` (from 1): checkpoint when one is due, or when any rank got
-    SIGTERM / SIGINT; then every rank exits together, non-zero, so a scheduler sees the job
-    did not finish (and no `final` link points at the unfinished run)."""
+                 prefix: str = "checkpoint-"):
+    """After optimizer step `step` (from 1): checkpoint when one is due (a warm start's last step
+    is not: GRPO goes on from it), or when any rank got SIGTERM / SIGINT; then every rank exits
+    together, non-zero, so a scheduler sees the job did not finish (and no `final` link points
+    at the unfinished run)."""
     signum = stop_signal(run)
-    if signum or (save_at_end and step == total) or due(args.save_every, step, 0):
+    if signum or (prefix == "checkpoint-" and step == total) or due(args.save_every, step, 0):
         path = os.path.join(args.output_dir, f"{prefix}{step:06d}")
         save_checkpoint(path, run, model, processor, optimizer,
                         {"step": step, "args": getattr(args, "run_args", vars(args))}, args.precision)

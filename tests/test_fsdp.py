@@ -213,7 +213,7 @@ def test_sharded_model_in_hand(tmp_path):
 
 def worker():
     """torchrun --nproc_per_node 2 tests/test_fsdp.py: rank 0 prints one JSON line of numbers."""
-    run = M.join_job("cpu", ".")
+    run = M.join_job("cpu")
     gathered = []
     for name in ("all_gather_single", "all_gather_into_tensor"):  # count FSDP's all-gathers
         if hasattr(dist, name):

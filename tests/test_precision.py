@@ -2,7 +2,6 @@
 bf16 math) really updates the model at the paper's learning rate, where bf16 weights would not."""
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,7 +42,7 @@ def tiny_at_real_scale(dtype):
 def one_update(model, processor, precision: str, lr: float = 1e-6, prompts_count: int = 1) -> dict:
     """One GRPO optimizer step through the training machinery; the weights before it."""
     prompts, ids, mask, advantages = fixed_batch(processor, prompts_count)
-    run = M.Run(0, 1, torch.device("cpu"), "")
+    run = M.Run(0, 1, torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     scorer, optimizer = M.prepare_training(model, run, lr, 0.0, False)
     with M.compute_context(precision, run.device):
