@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-import model as M
-import train_grpo as T
+from model import (Processor, PromptBatch, completion_logprobs, compute_context, pad_prompts,
+                   sample_groups, slice_prompts)
+from train_grpo import grpo_loss, timer
 
 # Qwen2-VL's real token ids (docs/method.md section 9) and vocabulary.
 IM_START, IM_END, PAD, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151643, 151652, 151653, 151655
@@ -92,7 +93,7 @@ def build_models(preset: dict, layers, vision_layers, device, precision: str):
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False).eval()
     blocked = [i for i in range(PAD, VOCAB) if i != IM_END]  # specials and unused ids
-    processor = M.Processor(tokenizer=_NoText(), image_processor=None, end_id=IM_END, pad_id=PAD,
+    processor = Processor(tokenizer=_NoText(), image_processor=None, end_id=IM_END, pad_id=PAD,
                             image_pad_id=IMAGE_PAD, blocked_ids=blocked, merge_size=2)
     return policy, reference, processor
 
@@ -103,7 +104,7 @@ class _NoText:
         return ""
 
 
-def make_prompts(preset: dict, groups: int, device) -> M.PromptBatch:
+def make_prompts(preset: dict, groups: int, device) -> PromptBatch:
     """`groups` chat prompts: system turn, image, question text, assistant header (lengths differ
     by a few tokens, so left padding is exercised). Pixels are random: cost does not depend on them."""
     g = torch.Generator().manual_seed(0)
@@ -116,16 +117,16 @@ def make_prompts(preset: dict, groups: int, device) -> M.PromptBatch:
         rows.append([IM_START] + text[:20] + [IM_END, IM_START] + [VISION_START] + [IMAGE_PAD] * n_image
                     + [VISION_END] + text[20:] + [IM_END, IM_START, 77091, 198])
     pixel_values = torch.randn(groups * grid[1] * grid[2], 1176, generator=g)  # fp32, as build_prompts
-    return M.pad_prompts(rows, torch.tensor([grid] * groups), pixel_values, PAD, IMAGE_PAD, 2, device)
+    return pad_prompts(rows, torch.tensor([grid] * groups), pixel_values, PAD, IMAGE_PAD, 2, device)
 
 
 # ----------------------------------------------------------------------------- the naive path
 
-def repeat_prompts(prompts: M.PromptBatch, G: int) -> M.PromptBatch:
+def repeat_prompts(prompts: PromptBatch, G: int) -> PromptBatch:
     """Each prompt and its image G times over: what the naive trainer feeds its model."""
     per_image = prompts.image_grid_thw.prod(1).tolist()
     pixels = torch.cat([p for p in prompts.pixel_values.split(per_image) for _ in range(G)])
-    return M.PromptBatch(prompts.input_ids.repeat_interleave(G, 0),
+    return PromptBatch(prompts.input_ids.repeat_interleave(G, 0),
                          prompts.attention_mask.repeat_interleave(G, 0),
                          prompts.position_ids.repeat_interleave(G, 1),
                          prompts.mm_token_type_ids.repeat_interleave(G, 0), pixels,
@@ -133,7 +134,7 @@ def repeat_prompts(prompts: M.PromptBatch, G: int) -> M.PromptBatch:
                          prompts.next_position.repeat_interleave(G))
 
 
-def naive_rollout(model, processor, prompts: M.PromptBatch, G: int, length: int):
+def naive_rollout(model, processor, prompts: PromptBatch, G: int, length: int):
     repeated = repeat_prompts(prompts, G)
     out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
                          pixel_values=repeated.pixel_values, image_grid_thw=repeated.image_grid_thw,
@@ -144,7 +145,7 @@ def naive_rollout(model, processor, prompts: M.PromptBatch, G: int, length: int)
     return out[:, repeated.input_ids.shape[1]:]  # (BG, T)
 
 
-def naive_logprobs(model, prompts: M.PromptBatch, completion_ids, G: int):
+def naive_logprobs(model, prompts: PromptBatch, completion_ids, G: int):
     """Full sequences prompt + completion, G per prompt, logits at every position; the log-softmax
     one sequence at a time (as the authors' trainer did, to bound memory)."""
     repeated = repeat_prompts(prompts, G)
@@ -214,35 +215,35 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
     B = prompts.input_ids.shape[0]
     phases = Phases()
     with PeakMemory(device) as memory:
-        t0 = T.timer(device)
-        with torch.no_grad(), M.compute_context(precision, device):
+        t0 = timer(device)
+        with torch.no_grad(), compute_context(precision, device):
             policy.eval()
             if path == "naive":
                 completions = naive_rollout(policy, processor, prompts, G, length)
             else:
                 seeds = list(range(B))
-                completions = M.sample_groups(policy, processor, prompts, G, length, 1.0,
+                completions = sample_groups(policy, processor, prompts, G, length, 1.0,
                                               seeds=seeds, min_new_tokens=length).completion_ids
         assert completions.shape == (B * G, length), completions.shape
-        t1 = T.timer(device)
-        groups = [(M.slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
-        score = naive_logprobs if path == "naive" else M.completion_logprobs
-        with torch.no_grad(), M.compute_context(precision, device):
+        t1 = timer(device)
+        groups = [(slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
+        score = naive_logprobs if path == "naive" else completion_logprobs
+        with torch.no_grad(), compute_context(precision, device):
             ref = [score(reference, p, c, G) for p, c in groups]
-        t2 = T.timer(device)
+        t2 = timer(device)
         policy.train()
         advantages = torch.randn(B, G, generator=torch.Generator().manual_seed(1)).to(device)
         for (p, c), ref_logprobs, adv in zip(groups, ref, advantages):
-            with M.compute_context(precision, device):
+            with compute_context(precision, device):
                 logprobs = score(policy, p, c, G)
-                loss, _ = T.grpo_loss(logprobs, logprobs.detach(), ref_logprobs, adv,
+                loss, _ = grpo_loss(logprobs, logprobs.detach(), ref_logprobs, adv,
                                       torch.ones_like(c), beta=0.04, epsilon=0.2,
                                       loss_norm="sequence", normaliser=B * G)
             loss.backward()
-        t3 = T.timer(device)
+        t3 = timer(device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t4 = T.timer(device)
+        t4 = timer(device)
     phases.rollout, phases.reference, phases.policy, phases.optimizer = t1 - t0, t2 - t1, t3 - t2, t4 - t3
     phases.peak_gb = memory.gb
     return phases
@@ -261,11 +262,11 @@ def rollout_by_precision(policy, processor, prompts, G: int, length: int, device
         hook = policy.register_forward_pre_hook(recast, with_kwargs=True) if per_step else None
         runs = []
         for _ in range(repeats + 1):  # the first is a warm-up
-            t0 = T.timer(device)
-            with M.compute_context(precision, device):
-                M.sample_groups(policy, processor, prompts, G, length, 1.0, seeds=seeds,
+            t0 = timer(device)
+            with compute_context(precision, device):
+                sample_groups(policy, processor, prompts, G, length, 1.0, seeds=seeds,
                                 min_new_tokens=length)
-            runs.append(T.timer(device) - t0)
+            runs.append(timer(device) - t0)
         if hook is not None:
             hook.remove()
         times[name] = statistics.median(runs[1:])

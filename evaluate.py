@@ -30,9 +30,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data as D
-import model as M
-import rewards as R
+from rewards import extract_answer, is_correct, named_classes, think_text, thinks
+from data import (DATASETS, SETTINGS, ClassificationData, ImageError, append_jsonl, check_flags,
+                  load_data, load_image, make_question, one_line_errors, read_json, read_jsonl,
+                  write_atomic)
+from model import (Processor, Run, all_reduce, barrier, build_prompts, join_job, load_model, print0,
+                   sample_groups, saved_args)
 
 # evaluation prompt name -> the training method whose suffix it uses
 PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "think-after-answer",
@@ -42,7 +45,7 @@ RESUME_MUST_MATCH = ("model", "setting", "prompt", "open_set", "image_size", "ma
 
 
 @torch.no_grad()
-def predict(model, processor: M.Processor, data: D.ClassificationData, method: str, *,
+def predict(model, processor: Processor, data: ClassificationData, method: str, *,
             batch_size: int = 32, max_new_tokens: int = 1024, image_size: int = 384, seed: int = 1,
             limit: int | None = None, open_set: bool = False, skip: set[int] = frozenset(),
             rank: int = 0, world_size: int = 1):
@@ -60,17 +63,17 @@ def predict(model, processor: M.Processor, data: D.ClassificationData, method: s
             records, asked, images = [], [], []
             for i in batch:
                 example = data.examples[i]
-                text, names = D.make_question(data, i, method, seed, epoch=0, open_set=open_set)
+                text, names = make_question(data, i, method, seed, epoch=0, open_set=open_set)
                 question = dict(index=i, image=example.image, label=example.classname,
                                 candidates=names, prompt=text)
                 try:
-                    images.append(D.load_image(example.image, image_size))
+                    images.append(load_image(example.image, image_size))
                     asked.append(question)
-                except D.ImageError as error:
+                except ImageError as error:
                     records.append(dict(question, error=str(error)))
             if asked:
-                prompts = M.build_prompts(processor, images, [q["prompt"] for q in asked], model.device)
-                rollout = M.sample_groups(model, processor, prompts, group_size=1,
+                prompts = build_prompts(processor, images, [q["prompt"] for q in asked], model.device)
+                rollout = sample_groups(model, processor, prompts, group_size=1,
                                           max_new_tokens=max_new_tokens, temperature=0)
                 records += map(judge, asked, rollout.texts, rollout.completion_mask.sum(1).tolist())
             yield sorted(records, key=lambda r: r["index"])
@@ -81,11 +84,11 @@ def predict(model, processor: M.Processor, data: D.ClassificationData, method: s
 def judge(question: dict, completion: str, completion_tokens: int) -> dict:
     """One prediction record: what was asked (index, image, label, candidates, prompt), what
     came back, and every judgement of it."""
-    answer, label = R.extract_answer(completion), question["label"]
+    answer, label = extract_answer(completion), question["label"]
     return dict(question, completion=completion, answer=answer,
-                correct_paper=R.is_correct(completion, label, "paper"),
-                correct_strict=R.is_correct(completion, label, "strict"),
-                named=R.named_classes(answer, question["candidates"]), thinks=R.thinks(completion),
+                correct_paper=is_correct(completion, label, "paper"),
+                correct_strict=is_correct(completion, label, "strict"),
+                named=named_classes(answer, question["candidates"]), thinks=thinks(completion),
                 completion_tokens=completion_tokens)
 
 
@@ -94,7 +97,7 @@ def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_
     predicts its share and every rank returns the accuracy over all of them."""
     batches = predict(model, processor, data, method, rank=rank, world_size=world_size, **predict_kwargs)
     records = [record for batch in batches for record in batch]
-    counts = M.all_reduce(M.Run(rank, world_size, model.device),
+    counts = all_reduce(Run(rank, world_size, model.device),
                               {"right": sum(r.get("correct_paper", False) for r in records),
                                "images": len(records)})
     return counts["right"] / max(1.0, counts["images"])
@@ -141,7 +144,7 @@ def summarise(records: list[dict]) -> dict:
     answered = [r for r in records if "error" not in r]
     listed = [r for r in answered if r["candidates"]]  # none with --open-set: nothing to hedge among
     thinking = [r for r in answered if r["thinks"]]
-    pairs = [(R.named_classes(R.think_text(r["completion"]), r["candidates"]), r["named"])
+    pairs = [(named_classes(think_text(r["completion"]), r["candidates"]), r["named"])
              for r in thinking]
     pairs = [(thought, answer) for thought, answer in pairs if thought and answer]
     return dict(
@@ -216,8 +219,8 @@ def summary_markdown(summary: dict) -> str:
 
 def write_table(folder: str, name: str, table: dict, markdown: str):
     """<folder>/<name>.json and <name>.md, and the markdown on screen."""
-    D.write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(table, indent=2))
-    D.write_atomic(os.path.join(folder, f"{name}.md"), markdown)
+    write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(table, indent=2))
+    write_atomic(os.path.join(folder, f"{name}.md"), markdown)
     print(markdown + f"\nwrote {folder}/{name}.json and {name}.md", flush=True)
 
 
@@ -226,7 +229,7 @@ def read_summary(path: str, what: str) -> dict:
     argument that named it) starts the error message."""
     file = os.path.join(path, "summary.json") if os.path.isdir(path) else path
     try:
-        summary = D.read_json(file)
+        summary = read_json(file)
         if all({"accuracy_paper", "accuracy_strict"} <= row.keys()
                for row in summary["datasets"].values()):
             return summary
@@ -242,7 +245,7 @@ def read_summary(path: str, what: str) -> dict:
 
 
 def write_predictions(folder: str, records: dict[int, dict]):
-    D.write_atomic(os.path.join(folder, "predictions.jsonl"),
+    write_atomic(os.path.join(folder, "predictions.jsonl"),
                    "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
 
 
@@ -251,10 +254,10 @@ def accumulate_timing(folder: str, seconds: float, images: int, resume: bool) ->
     path = os.path.join(folder, "timing.json")
     total = {"inference_seconds": 0.0, "timed_images": 0}
     if resume and os.path.isfile(path):
-        total.update(D.read_json(path))
+        total.update(read_json(path))
     total["inference_seconds"] += seconds
     total["timed_images"] += images
-    D.write_atomic(path, json.dumps(total))
+    write_atomic(path, json.dumps(total))
     return dict(total, images_per_second=images_per_second(total))
 
 
@@ -269,7 +272,7 @@ def parse_eval_args(argv):
     a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, checkpoint folder, or 'tiny'")
     a("--dataset", default="demo", help="a dataset, several joined by commas, or 'all' (the 11)")
     a("--data-root", default=None, help="folder holding the datasets in the CoOp layout (see data.py)")
-    a("--setting", default="fewshot", choices=D.SETTINGS, help="base / new: half the classes each")
+    a("--setting", default="fewshot", choices=SETTINGS, help="base / new: half the classes each")
     a("--prompt", choices=list(PROMPTS), help="its training suffix ends the question (default: "
       "the checkpoint's method, else think = cls-rl's)")
     a("--allow-prompt-mismatch", action="store_true", help="a --prompt of another method is meant")
@@ -285,24 +288,24 @@ def parse_eval_args(argv):
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
     args = parser.parse_args(argv)
-    D.check_flags(args, at_least={"batch_size": 1, "max_new_tokens": 1, "image_size": 1, "limit": 1},
+    check_flags(args, at_least={"batch_size": 1, "max_new_tokens": 1, "image_size": 1, "limit": 1},
                   above={"dist_timeout": 0})
     return args
 
 
-def load_test_sets(args) -> dict[str, D.ClassificationData]:
+def load_test_sets(args) -> dict[str, ClassificationData]:
     """The test split of every --dataset ('all': the paper's 11), checked before the model loads."""
-    names = list(D.DATASETS) if args.dataset == "all" else \
+    names = list(DATASETS) if args.dataset == "all" else \
         list(dict.fromkeys(name.strip() for name in args.dataset.split(",") if name.strip()))
-    unknown = [name for name in names if name not in D.DATASETS + ("demo",)]
+    unknown = [name for name in names if name not in DATASETS + ("demo",)]
     if unknown or not names:
         raise SystemExit(f"evaluate.py: --dataset {args.dataset}: unknown "
                          f"{', '.join(unknown) or 'empty'}; expected 'all' or names joined by "
-                         f"commas from: {', '.join(D.DATASETS)}, demo")
+                         f"commas from: {', '.join(DATASETS)}, demo")
     test_sets = {}
     for name in names:
-        with D.one_line_errors(f"evaluate.py: --dataset {name}"):
-            test_sets[name] = D.load_data(name, args.data_root, args.setting, "test")
+        with one_line_errors(f"evaluate.py: --dataset {name}"):
+            test_sets[name] = load_data(name, args.data_root, args.setting, "test")
         if not test_sets[name].examples:
             raise SystemExit(f"evaluate.py: --dataset {name}: the {args.setting} test split has no "
                              "examples; nothing to evaluate")
@@ -329,7 +332,7 @@ def check_output_dir(args, names: list[str]):
     """A new run never mixes into earlier predictions; a resumed one only into its own kind."""
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.isfile(saved_path):
-        saved = D.read_json(saved_path)
+        saved = read_json(saved_path)
         changed = [f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {getattr(args, key)!r}"
                    for key in RESUME_MUST_MATCH if saved.get(key) != getattr(args, key)]
         if changed:
@@ -344,7 +347,7 @@ def check_output_dir(args, names: list[str]):
                          "missing images, or choose another --output-dir")
 
 
-def earlier_predictions(run: M.Run, folder: str, resume: bool) -> tuple[dict[int, dict], set[int]]:
+def earlier_predictions(run: Run, folder: str, resume: bool) -> tuple[dict[int, dict], set[int]]:
     """With --resume, the records earlier runs left in `folder` (on rank 0; {} elsewhere) and on
     every rank the indices not to predict again. Rank 0 merges predictions.jsonl and the rank files
     of an interrupted run (other machines' only if --output-dir is shared) into one sorted
@@ -355,7 +358,7 @@ def earlier_predictions(run: M.Run, folder: str, resume: bool) -> tuple[dict[int
         rank_files = sorted(glob.glob(os.path.join(folder, "predictions.rank*.jsonl")))
         try:
             for path in glob.glob(os.path.join(folder, "predictions.jsonl")) + rank_files:
-                for number, record in enumerate(D.read_jsonl(path), 1):
+                for number, record in enumerate(read_jsonl(path), 1):
                     if not isinstance(record, dict) or not isinstance(record.get("index"), int):
                         raise ValueError(f"{path}: record {number} has no integer 'index'; "
                                          "expected a record written by evaluate.py")
@@ -374,7 +377,7 @@ def earlier_predictions(run: M.Run, folder: str, resume: bool) -> tuple[dict[int
     return done, set(skip)
 
 
-def evaluate_dataset(args, run: M.Run, model, processor, data: D.ClassificationData,
+def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
                      method: str) -> dict | None:
     """Predict (or finish predicting) one test split; its summary row on rank 0. Ranks append each
     finished batch to <dataset>/predictions.rank<R>.jsonl, merged at the end into predictions.jsonl;
@@ -383,21 +386,21 @@ def evaluate_dataset(args, run: M.Run, model, processor, data: D.ClassificationD
     count = min(len(data.examples), args.limit or len(data.examples))
     done, skip = earlier_predictions(run, folder, args.resume)
     todo = count - sum(i < count for i in skip)
-    M.print0(run, f"{data.dataset}: {count} test images, {count - todo} done earlier, {todo} to predict")
+    print0(run, f"{data.dataset}: {count} test images, {count - todo} done earlier, {todo} to predict")
     shard = os.path.join(folder, f"predictions.rank{run.rank}.jsonl")
-    D.write_atomic(shard, "")  # emptied: its records are in `done` or redone; makes the folder too
+    write_atomic(shard, "")  # emptied: its records are in `done` or redone; makes the folder too
     records = []
     bar = tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True)
-    M.barrier(run)
+    barrier(run)
     t0 = time.perf_counter()
     for batch in predict(model, processor, data, method, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, image_size=args.image_size,
                          seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
                          rank=run.rank, world_size=run.world_size):
-        D.append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
+        append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
         records += batch
         bar.update(len(batch) * run.world_size)
-    M.barrier(run)
+    barrier(run)
     seconds = time.perf_counter() - t0
     bar.close()
     parts = [records]  # every rank's records, on rank 0
@@ -411,25 +414,25 @@ def evaluate_dataset(args, run: M.Run, model, processor, data: D.ClassificationD
         # the first `count` images are this evaluation (a longer earlier run may have done more)
         row = summarise([done[i] for i in sorted(done) if i < count])
         row.update(accumulate_timing(folder, seconds, todo, args.resume))
-    M.barrier(run)  # rank 0 has saved everything: the rank files can go
+    barrier(run)  # rank 0 has saved everything: the rank files can go
     os.remove(shard)
     return row
 
 
 def run_evaluation(argv):
     args = parse_eval_args(argv)
-    with D.one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
-        trained = M.saved_args(args.model) if os.path.isdir(args.model) else {}
+    with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
+        trained = saved_args(args.model) if os.path.isdir(args.model) else {}
         args.prompt = choose_prompt(args, trained)
         baseline = read_summary(args.compare, "--compare") if args.compare else None
         test_sets = load_test_sets(args)
         check_output_dir(args, list(test_sets))
-        run = M.join_job(args.device, args.dist_timeout)
+        run = join_job(args.device, args.dist_timeout)
         if run.is_main:
-            D.write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
-        model, processor = M.load_model(args.model, run.device)
+            write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
+        model, processor = load_model(args.model, run.device)
     method = PROMPTS[args.prompt]
-    M.print0(run, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) on "
+    print0(run, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) on "
                   f"{', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)")
     per_dataset = {}
     for name, data in test_sets.items():
@@ -572,7 +575,7 @@ def matrix_main(argv) -> dict:
             raise SystemExit(f"evaluate.py matrix: {path} has no accuracy change (it was evaluated "
                              "without --compare); pass --zero-shot SUMMARY to compute it")
         rows[row_name] = changes
-    known = list(D.DATASETS) + ["demo"]
+    known = list(DATASETS) + ["demo"]
     seen = {name for changes in rows.values() for name in changes}
     columns = [name for name in known if name in seen] + sorted(seen - set(known))
     table = {"rule": args.rule, "columns": columns, "rows": rows,
@@ -637,10 +640,10 @@ def plot_main(argv) -> str | None:
               "test_accuracy": "held-out accuracy (fraction)",
               "completion_length": "completion length (tokens)", "loss": "loss"}
     runs = {}  # label (the run's folder, else the file) -> its metrics records
-    with D.one_line_errors("evaluate.py plot"):
+    with one_line_errors("evaluate.py plot"):
         for file in args.metrics:
             label = os.path.basename(os.path.dirname(os.path.abspath(file)))
-            runs[label if label not in runs else file] = D.read_jsonl(file)
+            runs[label if label not in runs else file] = read_jsonl(file)
     panels = [(key, title) for key, title in titles.items()
               if any(r.get(key) is not None for records in runs.values() for r in records)]
     if not panels:

@@ -217,9 +217,8 @@ def prepare_output_dir(args, run: Run):
 
 def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
     """A run's complete checkpoint folders, oldest first (a .tmp one is a save cut short)."""
-    if not os.path.isdir(output_dir):
-        return []
-    return sorted(d for d in os.listdir(output_dir) if d.startswith(prefix) and not d.endswith(".tmp"))
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(d for d in names if d.startswith(prefix) and not d.endswith(".tmp"))
 
 
 def find_checkpoint(args) -> str | None:
@@ -260,10 +259,9 @@ def load_train_test(args):
 
 
 def total_steps(args, num_examples: int, world_size: int) -> int:
-    if args.max_steps is not None:
-        return args.max_steps
+    """--max-steps (checked to be at least 1), else --epochs over the training set."""
     global_batch = world_size * args.batch_size * args.grad_accum
-    return max(1, math.ceil(args.epochs * num_examples / global_batch))
+    return args.max_steps or max(1, math.ceil(args.epochs * num_examples / global_batch))
 
 
 def lr_at(args, step: int, total: int) -> float:

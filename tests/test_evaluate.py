@@ -127,7 +127,7 @@ def test_resume_predicts_only_the_missing_images(warm_tiny, tmp_path, monkeypatc
         predicted.append(prompts.input_ids.shape[0])
         return sample_groups(model, processor, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(M, "sample_groups", counting)
+    monkeypatch.setattr(E, "sample_groups", counting)  # evaluate.py imports it by name
     args = ["--model", warm_tiny, *ARGS, "--limit", "20", "--batch-size", "4"]
     E.main(args + ["--output-dir", str(tmp_path / "clean")])
     assert sum(predicted) == 20
@@ -191,7 +191,7 @@ def test_summary_of_scripted_answers_and_an_unreadable_image(tmp_path, monkeypat
             ids[b, :len(row)] = torch.tensor(row)
         return M.Rollout(ids, M.completion_mask(ids, processor.end_id), texts)
 
-    monkeypatch.setattr(M, "sample_groups", scripted)
+    monkeypatch.setattr(E, "sample_groups", scripted)
     E.main(["--model", "tiny", "--prompt", "think", "--dataset", "demo", "--limit", "10",
             "--batch-size", "4", "--image-size", "56", "--device", "cpu",
             "--output-dir", str(tmp_path / "run")])

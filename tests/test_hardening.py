@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data as D
+import evaluate as E
 import model as M
 import train_grpo as T
 import train_sft as S
@@ -44,7 +45,7 @@ def no_loading(monkeypatch):
     """Flag errors must stop a script before any model is loaded."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
-    for module in (M, S, T):
+    for module in (M, E, S, T):  # every module that imports load_model by name
         monkeypatch.setattr(module, "load_model", refuse)
 
 
@@ -107,7 +108,6 @@ def test_a_bad_flag_stops_before_loading_with_its_name_and_value(script, flag, v
 
 
 def test_evaluate_checks_its_flags_too(tmp_path, no_loading):
-    import evaluate as E
     with pytest.raises(SystemExit) as stop:
         E.main(["--model", "tiny", "--dataset", "demo", "--batch-size", "0", "--output-dir", str(tmp_path)])
     assert "--batch-size 0" in str(stop.value)
