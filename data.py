@@ -477,6 +477,12 @@ def check_flags(args, at_least: dict | None = None, above: dict | None = None,
                 raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
 
 
+def changed_flags(saved: dict, args, names) -> list[str]:
+    """'--flag was A, now B' for each of `names` whose value in `args` is not the `saved` one."""
+    return [f"--{name.replace('_', '-')} was {saved.get(name, 'not set')!r}, now {getattr(args, name)!r}"
+            for name in names if name not in saved or saved[name] != getattr(args, name)]
+
+
 @contextmanager
 def one_line_errors(script: str):
     """Bad input met while setting up (a missing file, a malformed split, an unloadable model, an

@@ -31,9 +31,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rewards import extract_answer, is_correct, named_classes, think_text, thinks
-from data import (DATASETS, SETTINGS, ClassificationData, ImageError, append_jsonl, check_flags,
-                  load_data, load_image, make_question, one_line_errors, read_json, read_jsonl,
-                  write_atomic)
+from data import (DATASETS, SETTINGS, ClassificationData, ImageError, append_jsonl, changed_flags,
+                  check_flags, load_data, load_image, make_question, one_line_errors, read_json,
+                  read_jsonl, write_atomic)
 from model import (Processor, Run, all_reduce, barrier, build_prompts, join_job, load_model, print0,
                    sample_groups, saved_args)
 
@@ -333,8 +333,7 @@ def check_output_dir(args, names: list[str]):
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.isfile(saved_path):
         saved = read_json(saved_path)
-        changed = [f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {getattr(args, key)!r}"
-                   for key in RESUME_MUST_MATCH if saved.get(key) != getattr(args, key)]
+        changed = changed_flags(saved, args, RESUME_MUST_MATCH)
         if changed:
             raise SystemExit(f"evaluate.py: --resume: {args.output_dir} holds predictions made with "
                              f"other settings ({'; '.join(changed)}); rerun with the same settings, "

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (DATASETS, PROMPT_SUFFIX, append_jsonl, check_flags, load_data, load_step_examples,
-                  one_line_errors, write_atomic)
+from data import (DATASETS, PROMPT_SUFFIX, append_jsonl, changed_flags, check_flags, load_data,
+                  load_step_examples, one_line_errors, write_atomic)
 from evaluate import accuracy
 from model import (Processor, Run, all_reduce, barrier, build_prompts, catch_stop_signals,
                    compute_context, full_weights, join_job, load_checkpoint, load_model, optimizer_step,
@@ -241,9 +241,7 @@ def check_resume(args, checkpoint: str):
     """A resumed run continues the saved trajectory: any flag that would change it (model,
     data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with."""
     saved = saved_args(checkpoint)
-    changed = [f"--{key.replace('_', '-')} was {saved.get(key, 'not set')!r}, now {value!r}"
-               for key, value in vars(args).items()
-               if key not in RESUME_MAY_CHANGE and (key not in saved or saved[key] != value)]
+    changed = changed_flags(saved, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
     if changed:
         raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
                          f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
