@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import (Processor, PromptBatch, completion_logprobs, compute_context, pad_prompts,
-                   sample_groups, slice_prompts)
+from model import Processor, PromptBatch, completion_logprobs, pad_prompts, sample_groups, slice_prompts
+from run import compute_context
 from train_grpo import grpo_loss, timer
 
 # Qwen2-VL's real token ids (docs/method.md section 9) and vocabulary.
@@ -92,7 +92,8 @@ def build_models(preset: dict, layers, vision_layers, device, precision: str):
             torch.bfloat16 if precision == "bf16" else torch.float32)
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False).eval()
-    blocked = [i for i in range(PAD, VOCAB) if i != IM_END]  # specials and unused ids
+    # specials and unused ids, and the end token too: every completion runs to the forced length
+    blocked = list(range(PAD, VOCAB))
     processor = Processor(tokenizer=_NoText(), image_processor=None, end_id=IM_END, pad_id=PAD,
                             image_pad_id=IMAGE_PAD, blocked_ids=blocked, merge_size=2)
     return policy, reference, processor
@@ -140,7 +141,7 @@ def naive_rollout(model, processor, prompts: PromptBatch, G: int, length: int):
                          pixel_values=repeated.pixel_values, image_grid_thw=repeated.image_grid_thw,
                          mm_token_type_ids=repeated.mm_token_type_ids, do_sample=True,
                          temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
-                         min_new_tokens=length, suppress_tokens=processor.blocked_ids,
+                         suppress_tokens=processor.blocked_ids,
                          eos_token_id=processor.end_id, pad_token_id=processor.pad_id)
     return out[:, repeated.input_ids.shape[1]:]  # (BG, T)
 
@@ -223,7 +224,7 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
             else:
                 seeds = list(range(B))
                 completions = sample_groups(policy, processor, prompts, G, length, 1.0,
-                                              seeds=seeds, min_new_tokens=length).completion_ids
+                                            seeds=seeds).completion_ids
         assert completions.shape == (B * G, length), completions.shape
         t1 = timer(device)
         groups = [(slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
@@ -264,8 +265,7 @@ def rollout_by_precision(policy, processor, prompts, G: int, length: int, device
         for _ in range(repeats + 1):  # the first is a warm-up
             t0 = timer(device)
             with compute_context(precision, device):
-                sample_groups(policy, processor, prompts, G, length, 1.0, seeds=seeds,
-                                min_new_tokens=length)
+                sample_groups(policy, processor, prompts, G, length, 1.0, seeds=seeds)
             runs.append(timer(device) - t0)
         if hook is not None:
             hook.remove()

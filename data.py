@@ -38,7 +38,6 @@ import random
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,10 +379,6 @@ class StepExamples:
     labels: list[str]
     unreadable: int  # distinct unreadable image files met (each replaced by the next example)
 
-    def part(self, start: int, end: int) -> "StepExamples":
-        return StepExamples(self.indices[start:end], self.images[start:end], self.texts[start:end],
-                            self.labels[start:end], 0)
-
 
 def load_step_examples(data: ClassificationData, step: int, *, seed: int, method: str,
                        image_size: int, rank: int, world_size: int, per_rank: int) -> StepExamples:
@@ -410,8 +405,7 @@ def load_step_examples(data: ClassificationData, step: int, *, seed: int, method
     return out
 
 
-# ----------------------------------------------------------------------------- files and flags
-# Small helpers every script uses: atomic writes, JSON lines, flag checks, one-line errors.
+# ----------------------------------------------------------------------------- files
 
 def write_atomic(path: str, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a reader (another rank, a resumed
@@ -435,62 +429,6 @@ def read_json(path: str, hint: str = ""):
             return json.load(f)
     except ValueError as err:  # bad JSON, or bytes that are not text
         raise ValueError(f"{path} is not valid JSON ({err}){hint}") from None
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines file. An incomplete last line (a write cut short by a kill)
-    is dropped with a note; a bad line elsewhere is an error naming the file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
-    lines = Path(path).read_text().split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number < len(lines):  # a newline after it: not a write cut short
-                raise ValueError(f"{path} line {number} is not JSON ({err})") from None
-            print(f"{path}: dropped an incomplete last line (an interrupted write)", flush=True)
-    return records
-
-
-def append_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-
-
-def check_flags(args, at_least: dict | None = None, above: dict | None = None,
-                at_most: dict | None = None) -> None:
-    """Stop with one line naming the flag, its value and what was expected, before anything is
-    loaded. Flags whose value is None (not given, no default) are not checked.
-    >>> check_flags(argparse.Namespace(batch_size=0, lr=1e-6), at_least={"batch_size": 1})
-    Traceback (most recent call last):
-    SystemExit: --batch-size 0: expected at least 1
-    """
-    tests = {"at least": float.__ge__, "more than": float.__gt__, "at most": float.__le__}
-    for words, bounds in zip(tests, (at_least or {}, above or {}, at_most or {})):
-        for name, bound in bounds.items():
-            value = getattr(args, name)  # NaN fails every comparison
-            if value is not None and not tests[words](float(value), float(bound)):
-                raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
-
-
-def changed_flags(saved: dict, args, names) -> list[str]:
-    """'--flag was A, now B' for each of `names` whose value in `args` is not the `saved` one."""
-    return [f"--{name.replace('_', '-')} was {saved.get(name, 'not set')!r}, now {getattr(args, name)!r}"
-            for name in names if name not in saved or saved[name] != getattr(args, name)]
-
-
-@contextmanager
-def one_line_errors(script: str):
-    """Bad input met while setting up (a missing file, a malformed split, an unloadable model, an
-    unusable output folder) ends the script with its message on one line, not a traceback."""
-    try:
-        yield
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"{script}: error: {err}") from None
 
 
 # The demo set: each class differs in colour AND shape, so even a tiny model can learn it.

@@ -31,11 +31,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rewards import extract_answer, is_correct, named_classes, think_text, thinks
-from data import (DATASETS, SETTINGS, ClassificationData, ImageError, append_jsonl, changed_flags,
-                  check_flags, load_data, load_image, make_question, one_line_errors, read_json,
-                  read_jsonl, write_atomic)
-from model import (Processor, Run, all_reduce, barrier, build_prompts, join_job, load_model, print0,
-                   sample_groups, saved_args)
+from data import (DATASETS, SETTINGS, ClassificationData, ImageError, load_data, load_image,
+                  make_question, read_json, write_atomic)
+from model import Processor, build_prompts, load_model, sample_groups
+from run import (Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags, compute_context,
+                 full_weights, join_job, one_line_errors, print0, read_jsonl, saved_state)
 
 # evaluation prompt name -> the training method whose suffix it uses
 PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "think-after-answer",
@@ -101,6 +101,16 @@ def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_
                               {"right": sum(r.get("correct_paper", False) for r in records),
                                "images": len(records)})
     return counts["right"] / max(1.0, counts["images"])
+
+
+def held_out_accuracy(args, run: Run, model, processor, test_data, policy=None) -> float:
+    """The training scripts' --eval-every: greedy accuracy on the test split (a fraction), in
+    the run's precision (under FSDP on the full weights, gathered once through its `policy`)."""
+    with full_weights(policy), compute_context(args.precision, run.device):
+        return accuracy(model, processor, test_data, args.method, rank=run.rank,
+                        world_size=run.world_size, batch_size=args.eval_batch_size,
+                        max_new_tokens=args.max_new_tokens, image_size=args.image_size,
+                        seed=args.seed, limit=args.eval_limit)
 
 
 def images_per_second(timing: dict) -> float | None:
@@ -421,7 +431,7 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
 def run_evaluation(argv):
     args = parse_eval_args(argv)
     with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
-        trained = saved_args(args.model) if os.path.isdir(args.model) else {}
+        trained = saved_state(args.model).get("args", {}) if os.path.isdir(args.model) else {}
         args.prompt = choose_prompt(args, trained)
         baseline = read_summary(args.compare, "--compare") if args.compare else None
         test_sets = load_test_sets(args)

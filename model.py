@@ -1,4 +1,4 @@
-"""Everything that touches the network: load Qwen2-VL, build its inputs, sample groups, score them.
+"""The network: load Qwen2-VL, build its inputs, sample groups of completions, score them.
 
 Transformers supplies the network, the tokenizer and the image processor; generation and
 scoring are driven here, because GRPO needs two things `generate` does not do well:
@@ -21,30 +21,16 @@ special tokens are blocked while sampling (one sampled <|image_pad|> breaks the 
 prompts are never truncated (the authors' trainer cut prompt ids but generated from uncut ones).
 
 `load_model("tiny")` builds a deterministic random-weight Qwen2-VL with an offline tokenizer
-that has the real special tokens and chat template, for tests and the CPU demo.
+that has the real special tokens and chat template, for tests and the CPU demo. How the network
+is trained across processes (precision, DDP / FSDP, checkpoints) is run.py's.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import random
-import resource
-import shutil
-import signal
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen2-VL's special tokens, in the order (and so with the relative ids) the real tokenizer has.
@@ -228,10 +214,6 @@ class PromptBatch:
     image_grid_thw: torch.Tensor   # (B, 3)
     next_position: torch.Tensor    # (B,) position of the first completion token
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.attention_mask.sum(1)  # (B,)
-
 
 def mrope_positions(input_ids: list[int], image_pad_id: int, grids: list[list[int]], merge_size: int):
     """3-D rotary positions of one unpadded prompt, and the position that follows it.
@@ -364,15 +346,14 @@ def _row_uniforms(seeds, group_size: int, steps: int, device) -> torch.Tensor:
 @torch.no_grad()
 def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size: int = 1,
                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                  seeds: list[int] | None = None, min_new_tokens: int = 0) -> Rollout:
+                  seeds: list[int] | None = None) -> Rollout:
     """Sample `group_size` completions for each of the B prompts.
 
     The vision tower and the prompt prefill run once per prompt; the KV cache is then repeated
     G times and all B*G rows decode together until each has produced the end-of-turn token or
     `max_new_tokens` tokens. Blocked tokens (vision and other specials) get zero probability.
     `temperature=0` is greedy decoding. `seeds` (one per prompt) make each group's random stream
-    independent of the batch it shares; without them the global torch RNG is used. The end
-    token is blocked for the first `min_new_tokens` steps (bench.py forces fixed lengths so).
+    independent of the batch it shares; without them the global torch RNG is used.
     """
     from transformers import DynamicCache
 
@@ -395,8 +376,6 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     tokens, finished = [], torch.zeros(B * G, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits[:, blocked] = float("-inf")
-        if step < min_new_tokens:
-            logits[:, processor.end_id] = float("-inf")
         token = _pick_tokens(logits, temperature, top_p, uniforms[:, step])  # (BG,)
         token = token.masked_fill(finished, processor.pad_id)
         tokens.append(token)
@@ -552,318 +531,3 @@ class GroupScorer(torch.nn.Module):
     def forward(self, prompts: PromptBatch, completion_ids: torch.Tensor, group_size: int):
         # not a view (FSDP warns of in-place ops on a view: they would skip its backward hook)
         return completion_logprobs(self.model, prompts, completion_ids, group_size).clone()
-
-
-# ----------------------------------------------------------------------------- processes
-
-@dataclass
-class Run:
-    """Where this process stands in the job."""
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def join_job(device: str | None, timeout_minutes: float = 30) -> Run:
-    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), else run alone.
-    `device` is the --device flag: cpu, cuda, or None for cuda when available."""
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if "RANK" not in os.environ:
-        return Run(0, 1, torch.device("cuda" if cuda else "cpu"))
-    rank_device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(rank_device)
-    # a timeout, so a dead rank makes the others fail instead of waiting forever
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
-    return Run(dist.get_rank(), dist.get_world_size(), rank_device)
-
-
-def print0(run: Run, *args, **kwargs):
-    if run.is_main:
-        print(*args, **kwargs, flush=True)
-
-
-def barrier(run: Run):
-    if run.world_size > 1:
-        dist.barrier()
-
-
-def all_reduce(run: Run, values: dict, op=dist.ReduceOp.SUM) -> dict:
-    """Each value summed over ranks (or reduced with `op`), in one collective for the whole dict."""
-    if run.world_size == 1:
-        return {k: float(v) for k, v in values.items()}
-    packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=run.device)
-    dist.all_reduce(packed, op=op)
-    return dict(zip(values, packed.tolist()))
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# ----------------------------------------------------------------------------- stopping together
-
-_SIGNAL = {"number": 0, "handlers": {}}  # the last TERM / INT received (0: none), the old handlers
-
-
-def catch_stop_signals():
-    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) no longer kill the process: they
-    ask it to stop at the next step boundary, where every rank saves and exits together."""
-    _SIGNAL["number"] = 0
-    for signum in (signal.SIGTERM, signal.SIGINT):  # the handler only records the signal
-        _SIGNAL["handlers"][signum] = signal.signal(
-            signum, lambda number, frame: _SIGNAL.update(number=number))
-
-
-def release_stop_signals():
-    """The handlers from before catch_stop_signals (a finished run in a longer process)."""
-    for signum, handler in _SIGNAL["handlers"].items():
-        signal.signal(signum, handler)
-    _SIGNAL["handlers"].clear()
-
-
-def stop_signal(run: Run) -> int:
-    """The signal any rank received (0 if none), agreed by all ranks: one rank's preemption
-    stops the whole job at the same step."""
-    number = torch.tensor(float(_SIGNAL["number"]), device=run.device)
-    if run.world_size > 1:
-        dist.all_reduce(number, op=dist.ReduceOp.MAX)
-    return int(number)
-
-
-# ----------------------------------------------------------------------------- training
-
-def compute_context(precision: str, device: torch.device):
-    """Where the forward and backward math of `--precision bf16` happens: autocast to bf16 over
-    fp32 weights. Autocast keeps the bf16 copy of every weight that requires grad for the life
-    of its outermost region, so one region around a whole rollout casts each weight ONCE, not
-    once per decode step. `fp32`: plain fp32 math."""
-    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def prepare_training(model, run: Run, lr: float, weight_decay: float, grad_checkpointing: bool,
-                     fsdp: bool = False, precision: str = "fp32"):
-    """Training mode, optional activation checkpointing, DDP when distributed (or FSDP2 with
-    `fsdp`, see `shard`), AdamW.
-
-    The weights stay in fp32 whatever the precision: they are the master copy that AdamW
-    updates (a 1e-6 step applied to bf16 weights would round away), and their gradients and
-    AdamW's moments are fp32 too. Returns (scorer, optimizer): the scorer's forward is
-    completion_logprobs as ONE module call, which is what DDP needs to sync every gradient.
-    """
-    model.train()
-    if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scorer = shard(model, run, precision) if fsdp else GroupScorer(model)
-    if run.world_size > 1 and not fsdp:
-        # gradients as views into DDP's all-reduce buckets: no second gradient-sized buffer
-        scorer = DDP(scorer, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                     gradient_as_bucket_view=True)
-    return scorer, new_optimizer(model, run, lr, weight_decay)
-
-
-def new_optimizer(model, run: Run, lr: float, weight_decay: float):
-    """AdamW over the model's parameters (under FSDP, this rank's fp32 shards of them)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=weight_decay, fused=run.device.type == "cuda")
-
-
-def shard(model, run: Run, precision: str, frozen: bool = False) -> GroupScorer:
-    """`--fsdp`: torch's FSDP2 over all ranks, instead of a full copy of everything per rank.
-
-    Each decoder layer and each vision block is one unit, all-gathered just before it runs
-    (forward, and again in backward) and freed after; the GroupScorer is the root unit, which
-    holds the rest (embedding and output layer, tied in 2B, final norm, patch embedding,
-    merger) from its forward to the end of backward. A rank keeps 1/world_size of every weight,
-    gradient and AdamW moment, all fp32. Under bf16 the MixedPrecisionPolicy gathers weights in
-    bf16 for the math and reduces gradients in fp32, the semantics of autocast over fp32 masters
-    under DDP; fp32: everything fp32. `frozen` (the KL reference, never backpropagated): the root
-    frees its weights after each forward too."""
-    mesh = init_device_mesh(run.device.type, (run.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                  reduce_dtype=torch.float32)
-    for block in (*model.model.language_model.layers, *model.model.visual.blocks):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(GroupScorer(model), mesh=mesh, mp_policy=policy,
-                       reshard_after_forward=True if frozen else None)
-
-
-def sharded(model) -> bool:
-    """Whether FSDP (`shard`) manages the model's weights."""
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-@contextmanager
-def full_weights(scorer):
-    """The whole policy gathered ONCE for work that calls the bare model many times (a rollout's
-    decode steps, held-out evaluation), and freed after. Under FSDP a layer's every forward
-    would otherwise all-gather its weights and free them again: a 1024-token rollout would
-    gather the whole model 1024 times. Nothing to do without FSDP (or for scorer None)."""
-    if not isinstance(scorer, FSDPModule):
-        yield
-        return
-    # FSDP makes the module whose forward runs first its root; a rollout calls the layers
-    # first, so settle now that the scorer is the root (torch has no public call for this)
-    scorer._get_fsdp_state()._lazy_init()
-    units = [m for m in scorer.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()  # one all-gather per unit, in bf16 under bf16 precision
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-            # as fully_shard set it: the root keeps its weights from forward to backward
-            unit.set_reshard_after_forward(unit is not scorer, recurse=False)
-
-
-def sync_gradients(scorer, last: bool):
-    """DDP averages gradients across ranks only on the last micro-step of an optimizer step;
-    the earlier ones just accumulate locally (syncing each would cost a full all-reduce).
-    FSDP likewise reduce-scatters only on the last; until then each rank accumulates full-size
-    fp32 gradients (4 bytes per parameter)."""
-    if isinstance(scorer, FSDPModule):
-        scorer.set_requires_gradient_sync(last)
-    return scorer.no_sync() if isinstance(scorer, DDP) and not last else nullcontext()
-
-
-def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[float, bool]:
-    """Clip and step; a non-finite gradient norm skips the update.
-
-    After DDP's all-reduce every rank holds the same gradients, so every rank sees the same
-    norm and skips (or not) together. Under FSDP each rank holds a shard of every gradient
-    (DTensors): the norm of the shards is summed over ranks (`full_tensor`), so again every
-    rank clips by, and skips on, the same global norm. Returns (grad norm, skipped).
-    """
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if isinstance(total_norm, DTensor):
-        total_norm = total_norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, total_norm)
-    skipped = not torch.isfinite(total_norm)
-    if not skipped:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(total_norm), skipped
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dict, precision: str):
-    """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
-    --precision bf16, as the hub ships Qwen2-VL), trainer_state.pt (`state`, the optimizer, and
-    under bf16 the fp32 master weights, so a resume never re-rounds them) and one RNG file per
-    rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
-    the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
-    every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
-    and renamed: a crash mid-save never leaves a half checkpoint."""
-    tmp = path + ".tmp"
-    fsdp = sharded(model)
-    try:
-        if run.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier(run)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
-        weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
-        if run.is_main:
-            if fsdp:
-                state = {**state, "sharded_optimizer": bool(optimizer.state)}
-            else:
-                state = {**state, "optimizer": optimizer.state_dict()}
-            if precision == "bf16":
-                if not fsdp:
-                    state = {**state, "master_weights": weights}
-                weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
-            save_pretrained(model, processor, tmp, weights)
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        if fsdp:
-            dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
-                     checkpoint_id=os.path.join(tmp, "sharded"))
-        barrier(run)  # every rank's files are in before the rename
-        if run.is_main:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    except OSError as err:  # a full disk: say which checkpoint could not be written
-        raise OSError(f"could not write checkpoint {path}: {err}") from err
-    barrier(run)
-
-
-def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
-    """Restore the fp32 weights (the master copy when the checkpoint has one; under FSDP this
-    rank's shards from path/sharded/), the optimizer and this rank's RNG from a save_checkpoint
-    directory; returns the saved state."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=run.device,
-                       weights_only=False)
-    if sharded(model):
-        with_optimizer = state.pop("sharded_optimizer")
-        shards = sharded_state(model, optimizer, with_optimizer)
-        dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
-        if with_optimizer:
-            set_state_dict(model, optimizer, model_state_dict=shards["model"],
-                           optim_state_dict=shards["optimizer"])
-        else:
-            set_model_state_dict(model, shards["model"])
-    else:
-        if "master_weights" in state:
-            model.load_state_dict(state.pop("master_weights"))
-        optimizer.load_state_dict(state.pop("optimizer"))
-    rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
-    if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
-        restore_rng(torch.load(rng_file, weights_only=False))
-    return state
-
-
-def saved_args(folder: str) -> dict:
-    """The flags a checkpoint of this project was trained with ({} for any other model folder).
-    mmap: only the args are read, not the optimizer state beside them (gigabytes)."""
-    path = os.path.join(folder, "trainer_state.pt")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"] \
-        if os.path.isfile(path) else {}
-
-
-def full_state_dict(model) -> dict:
-    """The model's complete state dict. Under FSDP every rank must call this (each weight is
-    gathered in turn) and only rank 0 gets it, on the CPU; the others get {}."""
-    if not sharded(model):
-        return model.state_dict()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # a tied weight (the output layer's is the embedding's) comes back as two copies: make them
-    # one tensor again, as in model.state_dict(), so that it is saved once
-    first = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if full and first.setdefault(id(value), name) != name:
-            full[name] = full[first[id(value)]]
-    return full
-
-
-def sharded_state(model, optimizer, with_optimizer: bool) -> dict:
-    """This rank's shards of the weights and, `with_optimizer`, of AdamW's state, keyed by
-    parameter name. Without: torch's helper would first give an optimizer that has not stepped
-    yet a state (by a zero step), and the first real update would then count as its second."""
-    if not with_optimizer:
-        return {"model": get_model_state_dict(model)}
-    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict):
-    random.setstate(state["python"]), np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

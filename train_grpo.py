@@ -6,13 +6,19 @@
     torchrun --nproc_per_node 8 train_grpo.py --dataset imagenet --data-root ~/data --method no-think
     # 7B: the torchrun line with --fsdp --model Qwen/Qwen2-VL-7B-Instruct added
 
-One optimizer step, top to bottom in `main`: the step's prompts (data.py) -> G sampled
-completions per prompt, all micro-steps in one batched call (model.sample_groups) -> rewards
-(rewards.py, per method) -> group-normalised advantages -> reference log-probs, one MicroStep
-each -> per micro-step: shared-prefix log-probs, clipped-ratio loss with a k3 KL penalty,
-backward (DDP syncs only on the last) -> clip, AdamW, log. With `--fsdp` (7B: weights,
-gradients and AdamW state sharded over the GPUs, torch's FSDP2) the same loop runs unchanged;
-each rollout gathers the full weights once and frees them after (model.full_weights).
+One optimizer step, top to bottom in `main`: the step's prompts (data.py) -> the rollout, G
+sampled completions per prompt, all micro-steps in one batched call (model.sample_groups) ->
+rewards (rewards.py, per method) -> group-normalised advantages -> reference log-probs, one
+MicroStep per micro-step -> per micro-step: the policy's shared-prefix log-probs, clipped-ratio
+loss with a k3 KL penalty, backward (DDP syncs only on the last) -> clip, AdamW, log. How the
+run runs around this (processes, precision, DDP / FSDP, checkpoints, resume) is run.py's; with
+`--fsdp` (7B: weights, gradients and AdamW state sharded over the GPUs) the same loop runs
+unchanged, each rollout gathering the full weights once (run.full_weights).
+
+Shapes: B prompts per micro-step per rank (--batch-size), A micro-steps per optimizer step
+(--grad-accum), G completions per prompt (--num-generations), T completion tokens, P prompt
+tokens; BG = B*G rows of one micro-step, BAG = B*A*G rows of a rank's rollout. mu
+(--num-iterations): updates per rollout.
 
 Defaults are the authors' settings (docs/method.md section 5): G=4, temperature 1, lr 1e-6,
 beta 0.04, epsilon 0.2, one update per rollout, per-completion mean loss, batch 1 x accumulation
@@ -29,7 +35,6 @@ beta 0.04, epsilon 0.2, one update per rollout, per-completion mean loss, batch 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -42,13 +47,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rewards import reward_components, thinks, total_reward
-from data import check_flags, load_step_examples, one_line_errors
-from model import (GroupScorer, PromptBatch, Run, all_reduce, barrier, build_prompts,
-                   compute_context, full_state_dict, full_weights, load_checkpoint, load_model,
-                   new_optimizer, optimizer_step, peak_memory_gb, prepare_training, print0,
-                   sample_groups, save_pretrained, shard, slice_prompts, sync_gradients)
-from train_sft import (checkpoint_dirs, due, finish, fit, held_out_accuracy, log_metrics, lr_at,
-                       save_or_stop, start_run, total_steps, training_parser)
+from data import load_step_examples
+from model import (GroupScorer, PromptBatch, build_prompts, load_model, sample_groups,
+                   save_pretrained, slice_prompts)
+from run import (Run, all_reduce, append_jsonl, barrier, check_flags, checkpoint_dirs,
+                 compute_context, due, finish, full_state_dict, full_weights, load_checkpoint,
+                 new_optimizer, one_line_errors, optimizer_step, peak_memory_gb, prepare_training,
+                 print0, save_or_stop, saved_state, shard, start_run, sync_gradients, total_steps,
+                 training_parser)
+from evaluate import held_out_accuracy
+from train_sft import fit
 
 # Epochs on 4-shot data, as the authors trained (docs/method.md section 5).
 EPOCHS = {"imagenet": 10, "sun397": 25, "eurosat": 100}
@@ -146,19 +154,20 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
     return random.Random(f"{seed}:rollout:{step}:{position}").getrandbits(62)
 
 
-def micro_steps(args, scorer, reference, prompts: PromptBatch, sampled, advantages) -> list[MicroStep]:
-    """Cut one rollout into `grad_accum` micro-steps, scoring each under the frozen reference
-    (and under the rollout's policy, its `scorer`, when it is reused, mu > 1)."""
+def micro_steps(args, policy, reference, prompts: PromptBatch, rollout, advantages) -> list[MicroStep]:
+    """Cut one rollout into A micro-steps, scoring each under the frozen reference (and under
+    the policy as it sampled, when the rollout is reused for more than one update, mu > 1)."""
     B, G = args.batch_size, args.num_generations
     steps = []
     with torch.no_grad(), compute_context(args.precision, prompts.input_ids.device):
         for m in range(args.grad_accum):
-            part, rows = slice_prompts(prompts, m * B, (m + 1) * B), slice(m * B * G, (m + 1) * B * G)
-            ids = sampled.completion_ids[rows]
+            micro_prompts = slice_prompts(prompts, m * B, (m + 1) * B)
+            rows = slice(m * B * G, (m + 1) * B * G)
+            ids = rollout.completion_ids[rows]
             steps.append(MicroStep(
-                part, ids, sampled.completion_mask[rows], advantages[rows],
-                ref_logprobs=None if reference is None else reference(part, ids, G),
-                old_logprobs=scorer(part, ids, G) if args.num_iterations > 1 else None))
+                micro_prompts, ids, rollout.completion_mask[rows], advantages[rows],
+                ref_logprobs=None if reference is None else reference(micro_prompts, ids, G),
+                old_logprobs=policy(micro_prompts, ids, G) if args.num_iterations > 1 else None))
     return steps
 
 
@@ -168,16 +177,15 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     run, checkpoint, train_data, test_data, model, processor = start_run(args, "train_grpo.py")
-    resuming_grpo = checkpoint is not None and not os.path.basename(checkpoint).startswith("warm_start-")
-    scorer, optimizer = prepare_training(model, run, args.lr, args.weight_decay, args.grad_checkpointing,
-                                         args.fsdp, args.precision)
+    resuming_grpo = checkpoint is not None and not saved_state(checkpoint)["warm_start"]
+    policy, optimizer = prepare_training(args, run, model)
     if args.warm_start_steps and not resuming_grpo:
-        warm_start(args, run, model, processor, scorer, train_data, test_data, checkpoint)
+        warm_start(args, run, model, processor, policy, train_data, test_data, checkpoint)
     reference = load_reference(args, run, checkpoint)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if resuming_grpo else 0
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A, G, mu = args.batch_size, args.grad_accum, args.num_generations, args.num_iterations
-    before = held_out_accuracy(args, run, model, processor, test_data, scorer) if args.demo else None
+    before = held_out_accuracy(args, run, model, processor, test_data, policy) if args.demo else None
     print0(run, f"GRPO ({args.method}) on {args.dataset}: {len(train_data.examples)} training "
                 f"examples, {total} steps of {run.world_size * B * A} prompts x {G} completions, "
                 f"{args.precision} precision")
@@ -194,79 +202,79 @@ def main(argv=None):
         prompts = build_prompts(processor, batch.images, batch.texts, run.device)
         seeds = [rollout_seed(args.seed, step, run.rank * B * A + j) for j in range(B * A)]
         # one region: each weight cast to bf16 once (DDP), or gathered once (FSDP), per rollout
-        with full_weights(scorer), compute_context(args.precision, run.device):
-            sampled = sample_groups(model, processor, prompts, G, args.max_new_tokens,
+        with full_weights(policy), compute_context(args.precision, run.device):
+            rollout = sample_groups(model, processor, prompts, G, args.max_new_tokens,
                                     args.temperature, args.top_p, seeds)
         # 2. rewards, and advantages within each group of G completions of one prompt
         labels = [label for label in batch.labels for _ in range(G)]
         components = [reward_components(args.method, text, label)
-                      for text, label in zip(sampled.texts, labels)]
+                      for text, label in zip(rollout.texts, labels)]
         rewards = torch.tensor([total_reward(args.method, c) for c in components])  # (BAG,)
         advantages = group_advantages(rewards.view(B * A, G)).flatten().to(run.device)  # (BAG,)
         times["rollout"] = timer(run.device)
         # 3. per micro-step: its prompts, completions, and the frozen reference's log-probs
-        micro = micro_steps(args, scorer, reference, prompts, sampled, advantages)
+        micro = micro_steps(args, policy, reference, prompts, rollout, advantages)
         times["reference"] = timer(run.device)
-        rollout = rollout_record(args, run, sampled, rewards, components, prompts, batch.unreadable)
+        rollout_stats = rollout_record(args, run, rollout, rewards, components, prompts, batch.unreadable)
         # DDP averages gradients over ranks, so dividing each rank's sum by its own completion
         # count (or by global tokens / world size) makes the update the global-batch mean
-        normaliser = B * A * G if args.loss_norm == "sequence" else rollout["completion_tokens"] / run.world_size
+        normaliser = B * A * G if args.loss_norm == "sequence" else rollout_stats["completion_tokens"] / run.world_size
 
         for iteration in range(mu):
             times["policy_start"] = timer(run.device)
             model.train()
             sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_tokens": 0.0, "tokens": 0.0}
-            for m, part in enumerate(micro):
-                with sync_gradients(scorer, last=m == A - 1):
+            for m, micro_step in enumerate(micro):
+                with sync_gradients(policy, last=m == A - 1):
                     with compute_context(args.precision, run.device):
-                        logprobs = scorer(part.prompts, part.completion_ids, G)  # (BG, T)
+                        logprobs = policy(micro_step.prompts, micro_step.completion_ids, G)  # (BG, T)
                         # one update per rollout: old = current, so the ratio is 1 and the
                         # gradient is that of adv * logp (clipping can only act when mu > 1)
-                        old = logprobs.detach() if part.old_logprobs is None else part.old_logprobs
-                        loss, stats = grpo_loss(logprobs, old, part.ref_logprobs, part.advantages,
-                                                part.completion_mask, beta=args.beta,
+                        old = logprobs.detach() if micro_step.old_logprobs is None else micro_step.old_logprobs
+                        loss, stats = grpo_loss(logprobs, old, micro_step.ref_logprobs, micro_step.advantages,
+                                                micro_step.completion_mask, beta=args.beta,
                                                 epsilon=args.epsilon, loss_norm=args.loss_norm,
                                                 normaliser=normaliser)
                     loss.backward()
                 for key, value in {"loss": float(loss.detach()), **stats}.items():
                     sums[key] += value
             times["policy"] = timer(run.device)
-            lr = lr_at(args, step * mu + iteration, total * mu)  # the schedule counts updates
+            # the schedule counts updates: linear decay to 0 (the authors'), or constant
+            update, updates = step * mu + iteration, total * mu
+            lr = args.lr * (1 - update / updates) if args.lr_schedule == "linear" else args.lr
             grad_norm, skipped = optimizer_step(model, optimizer, lr, args.max_grad_norm)
             times["optimizer"] = timer(run.device)
             if skipped:
                 print0(run, f"step {step + 1}: non-finite gradient norm; every rank skipped the update")
-            record = update_record(run, step, iteration, rollout, sums, grad_norm, skipped, lr, times)
+            record = update_record(run, step, iteration, rollout_stats, sums, grad_norm, skipped, lr, times)
             if iteration == mu - 1 and due(args.eval_every, step + 1, total):
-                record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, scorer)
-            log_metrics(args, run, "metrics.jsonl", record)
+                record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, policy)
+            if run.is_main:
+                append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", length=f"{record['completion_length']:.1f}")
         save_or_stop(args, run, step + 1, total, model, processor, optimizer)
     bar.close()
     if args.demo:
-        after = held_out_accuracy(args, run, model, processor, test_data, scorer)
+        after = held_out_accuracy(args, run, model, processor, test_data, policy)
         print0(run, f"held-out accuracy: {100 * before:.1f}% before GRPO, {100 * after:.1f}% after")
     print0(run, f"metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
     finish(args, run, t_start)
 
 
-def warm_start(args, run: Run, model, processor, scorer, train_data, test_data, checkpoint: str | None):
+def warm_start(args, run: Run, model, processor, policy, train_data, test_data, checkpoint: str | None):
     """`--warm-start-steps` of SFT (train_sft.fit, constant --warm-start-lr) before GRPO, so a
     model that never names a class (the demo's random one) gets rewards to learn from. Resumes
-    from a warm_start-* checkpoint when a signal stopped it there. The result is saved in
+    from a warm_start-N checkpoint when a signal stopped it there. The result is saved in
     <output-dir>/warm_start: the KL reference of the GRPO that follows, also after a resume.
-    It trains through GRPO's `scorer` with an AdamW of its own (GRPO starts with fresh moments)."""
+    It trains through GRPO's `policy` with an AdamW of its own (GRPO starts with fresh moments)."""
     if checkpoint is None and args.demo:
-        accuracy = held_out_accuracy(args, run, model, processor, test_data, scorer)
+        accuracy = held_out_accuracy(args, run, model, processor, test_data, policy)
         print0(run, f"held-out accuracy of the untrained model: {100 * accuracy:.1f}%")
     print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
-    # run_args: what its checkpoints record for --resume
-    warm = argparse.Namespace(**dict(vars(args), max_steps=args.warm_start_steps,
-                                     lr=args.warm_start_lr, lr_schedule="constant", run_args=vars(args)))
-    optimizer = new_optimizer(model, run, warm.lr, args.weight_decay)
+    optimizer = new_optimizer(model, run, args.warm_start_lr, args.weight_decay)
     start = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0
-    fit(warm, run, model, processor, train_data, scorer, optimizer, start, prefix="warm_start-")
+    fit(args, run, model, processor, train_data, policy, optimizer, start, warm_start=True)
     weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
     if run.is_main:
         save_pretrained(model, processor, os.path.join(args.output_dir, "warm_start"), weights)
@@ -291,36 +299,40 @@ def load_reference(args, run: Run, checkpoint: str | None):
     return shard(reference, run, args.precision, frozen=True) if args.fsdp else GroupScorer(reference)
 
 
-def rollout_record(args, run: Run, sampled, rewards, components, prompts, unreadable: int) -> dict:
+def rollout_record(args, run: Run, rollout, rewards, components, prompts, unreadable: int) -> dict:
     """The rollout's numbers over the whole global batch (all ranks), reduced once per step:
     rates are fractions of completions (or of groups), lengths in tokens."""
-    lengths = sampled.completion_mask.sum(1).float()  # (BAG,)
+    lengths = rollout.completion_mask.sum(1).float()  # (BAG,)
     group_rewards = rewards.view(-1, args.num_generations)  # (BA, G)
-    g = all_reduce(run, {
+    totals = all_reduce(run, {
         "reward": rewards.sum(), "completions": len(rewards),
         **{f"reward_{name}": sum(c[name] for c in components) for name in components[0]},
-        "thinking": sum(thinks(text) for text in sampled.texts), "tokens": lengths.sum(),
+        "thinking": sum(thinks(text) for text in rollout.texts), "tokens": lengths.sum(),
         "prompt_tokens": prompts.attention_mask.sum(), "groups": len(group_rewards),
         "zero_spread": (group_rewards.std(1) == 0).sum(), "unreadable": unreadable})
     extremes = all_reduce(run, {"max": lengths.max(), "-min": -lengths.min()}, op=dist.ReduceOp.MAX)
-    n = g["completions"]
-    return {"reward": g["reward"] / n, **{k: g[k] / n for k in g if k.startswith("reward_")},
-            "think_share": g["thinking"] / n, "completion_length": g["tokens"] / n,
+    n = totals["completions"]
+    return {"reward": totals["reward"] / n, **{k: totals[k] / n for k in totals if k.startswith("reward_")},
+            "think_share": totals["thinking"] / n, "completion_length": totals["tokens"] / n,
             "completion_length_min": -extremes["-min"], "completion_length_max": extremes["max"],
-            "zero_spread_share": g["zero_spread"] / g["groups"], "unreadable_images": int(g["unreadable"]),
-            "completion_tokens": g["tokens"], "prompt_tokens": g["prompt_tokens"]}
+            "zero_spread_share": totals["zero_spread"] / totals["groups"],
+            "unreadable_images": int(totals["unreadable"]),
+            "completion_tokens": totals["tokens"], "prompt_tokens": totals["prompt_tokens"]}
 
 
-def update_record(run: Run, step: int, iteration: int, rollout: dict, sums: dict, grad_norm: float,
-                  skipped: bool, lr: float, times: dict) -> dict:
+def update_record(run: Run, step: int, iteration: int, rollout_stats: dict, sums: dict,
+                  grad_norm: float, skipped: bool, lr: float, times: dict) -> dict:
     """The log record of one update: its step and iteration, the rollout's numbers, and the
     update's over the global batch with where the step's time went (rollout and reference work
     happen once per rollout, in its first iteration)."""
-    g = all_reduce(run, sums)
-    tokens = rollout["prompt_tokens"] + rollout["completion_tokens"]
-    # each rank's loss is already over the global batch
-    return {"step": step + 1, "iteration": iteration, **rollout, "loss": g["loss"] / run.world_size,
-            "kl": g["kl_sum"] / max(g["tokens"], 1), "clip_fraction": g["clipped_tokens"] / max(g["tokens"], 1),
+    totals = all_reduce(run, sums)
+    tokens = rollout_stats["prompt_tokens"] + rollout_stats["completion_tokens"]
+    # each rank's loss is its sum over the normaliser, which makes the mean of the ranks'
+    # losses the global batch's mean loss
+    return {"step": step + 1, "iteration": iteration, **rollout_stats,
+            "loss": totals["loss"] / run.world_size,
+            "kl": totals["kl_sum"] / max(totals["tokens"], 1),
+            "clip_fraction": totals["clipped_tokens"] / max(totals["tokens"], 1),
             "grad_norm": grad_norm, "lr": lr, "skipped_update": skipped,
             "rollout_seconds": times["rollout"] - times["start"] if iteration == 0 else 0.0,
             "reference_seconds": times["reference"] - times["rollout"] if iteration == 0 else 0.0,

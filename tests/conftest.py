@@ -1,4 +1,6 @@
 """Shared fixtures: the tiny offline Qwen2-VL and generated images. No network, no GPU."""
+import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -85,6 +87,17 @@ def make_image(seed: int, size=(56, 56)) -> Image.Image:
     x0, y0 = torch.randint(0, size[0] // 2, (2,), generator=g).tolist()
     ImageDraw.Draw(image).ellipse([x0, y0, x0 + size[0] // 2, y0 + size[1] // 2], fill=colours[1])
     return image
+
+
+def never_ending(processor):
+    """The processor with its end token blocked too: every completion runs to max_new_tokens."""
+    return dataclasses.replace(processor, blocked_ids=processor.blocked_ids + [processor.end_id])
+
+
+def training_args(**changes) -> argparse.Namespace:
+    """The flags run.prepare_training reads, at their defaults (fp32, no FSDP), with `changes`."""
+    return argparse.Namespace(**{**dict(lr=1.0, weight_decay=0.0, grad_checkpointing=False,
+                                        fsdp=False, precision="fp32"), **changes})
 
 
 @pytest.fixture

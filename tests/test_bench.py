@@ -20,8 +20,7 @@ def small():
 def test_naive_and_shared_prefix_paths_give_the_same_logprobs(small):
     _, policy, _, processor, prompts = small
     G = 3
-    completions = M.sample_groups(policy, processor, prompts, G, 5, 1.0, seeds=[0, 1],
-                                  min_new_tokens=5).completion_ids
+    completions = M.sample_groups(policy, processor, prompts, G, 5, 1.0, seeds=[0, 1]).completion_ids
     assert completions.shape == (6, 5)
     assert not torch.isin(completions, torch.tensor(processor.blocked_ids)).any()
     with torch.no_grad():

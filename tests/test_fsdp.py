@@ -16,8 +16,9 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForImageTextToText
 
 import model as M
+import run as R
 import train_grpo as T
-from conftest import build_tiny_qwen25, make_image
+from conftest import build_tiny_qwen25, make_image, never_ending, training_args
 from helpers import FAST, ROOT, env, launch, max_difference, metrics, run_script, weights
 
 GRPO = ROOT / "train_grpo.py"
@@ -213,7 +214,7 @@ def test_sharded_model_in_hand(tmp_path):
 
 def worker():
     """torchrun --nproc_per_node 2 tests/test_fsdp.py: rank 0 prints one JSON line of numbers."""
-    run = M.join_job("cpu")
+    run = R.join_job("cpu")
     gathered = []
     for name in ("all_gather_single", "all_gather_into_tensor"):  # count FSDP's all-gathers
         if hasattr(dist, name):
@@ -227,46 +228,45 @@ def worker():
         if family == "qwen2.5-vl":
             model, processor = build_tiny_qwen25(processor)
         plain = copy.deepcopy(model)  # the unsharded twin
-        scorer, _ = M.prepare_training(model, run, 1.0, 0.0, False, fsdp=True, precision="fp32")
+        policy, _ = R.prepare_training(training_args(fsdp=True), run, model)
         prompts = M.build_prompts(processor, [make_image(3), make_image(4, (84, 56))],
                                   ["What type of object is in the photo?", "What is it?"])
-        r = {"units": sum(isinstance(m, M.FSDPModule) for m in scorer.modules()),
+        r = {"units": sum(isinstance(m, R.FSDPModule) for m in policy.modules()),
              "parameters": sum(p.numel() for p in plain.parameters()), "all_gathers": [], "gathered": []}
         model.eval(), plain.eval()
         for length in (2, 6):
             gathered.clear()
-            with M.full_weights(scorer):
-                sampled = M.sample_groups(model, processor, prompts, 2, length, seeds=[1, 2],
-                                          min_new_tokens=length)
+            with R.full_weights(policy):
+                sampled = M.sample_groups(model, never_ending(processor), prompts, 2, length, seeds=[1, 2])
             r["all_gathers"].append(len(gathered))
             r["gathered"].append(sum(gathered))
-        expected = M.sample_groups(plain, processor, prompts, 2, 6, seeds=[1, 2], min_new_tokens=6)
+        expected = M.sample_groups(plain, never_ending(processor), prompts, 2, 6, seeds=[1, 2])
         r["same_tokens"] = torch.equal(sampled.completion_ids, expected.completion_ids)
         r["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
         model.train(), plain.train()
         # the same batch on both ranks, so the averaged gradient is the unsharded model's
         ids = sampled.completion_ids
-        (-(scorer(prompts, ids, 2).sum(1) * ADVANTAGES).sum()).backward()
+        (-(policy(prompts, ids, 2).sum(1) * ADVANTAGES).sum()).backward()
         (-(M.completion_logprobs(plain, prompts, ids, 2).sum(1) * ADVANTAGES).sum()).backward()
         r["grad_difference"] = max_difference(full(model, "grad"), full(plain, "grad"))
         # SGD with lr 1: the update is the clipped gradient itself; clip to half its norm
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()]))
         r["norm"], r["largest_update"] = norm, float(max(p.grad.abs().max() for p in plain.parameters())) / 2
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-        sharded_norm, _ = M.optimizer_step(model, sgd, 1.0, norm / 2)
-        M.optimizer_step(plain, torch.optim.SGD(plain.parameters(), lr=1.0), 1.0, norm / 2)
+        sharded_norm, _ = R.optimizer_step(model, sgd, 1.0, norm / 2)
+        R.optimizer_step(plain, torch.optim.SGD(plain.parameters(), lr=1.0), 1.0, norm / 2)
         r["rank_norms"] = [None, None]
         dist.all_gather_object(r["rank_norms"], sharded_norm)
         r["weight_difference"] = max_difference(full(model), full(plain))
-        state = M.full_state_dict(model)
+        state = R.full_state_dict(model)
         if run.is_main:
             r["state_dict_difference"] = max_difference(state, plain.state_dict())
         # a NaN loss on rank 1 only
         before = full(model)
-        loss = -(scorer(prompts, ids, 2).sum(1) * ADVANTAGES).sum()
+        loss = -(policy(prompts, ids, 2).sum(1) * ADVANTAGES).sum()
         (loss * (math.nan if run.rank == 1 else 1.0)).backward()
         r["nan_skipped"] = [None, None]
-        dist.all_gather_object(r["nan_skipped"], M.optimizer_step(model, sgd, 1.0, 1.0)[1])
+        dist.all_gather_object(r["nan_skipped"], R.optimizer_step(model, sgd, 1.0, 1.0)[1])
         r["nan_weight_change"] = max_difference(full(model), before)
         results[family] = r
     results["bf16"] = bf16_gradients(run, prompts, ids)  # the last batch (the families share a tokenizer)
@@ -288,13 +288,13 @@ def bf16_gradients(run, prompts, ids) -> dict:
     """One step's gradient of the tiny Qwen2-VL: sharded under bf16, autocast, fp32."""
     model, _ = M.load_model("tiny")
     plain = copy.deepcopy(model).train()
-    scorer, _ = M.prepare_training(model, run, 1.0, 0.0, False, fsdp=True, precision="bf16")
-    with M.compute_context("bf16", run.device):
-        (-(scorer(prompts, ids, 2).sum(1) * ADVANTAGES).sum()).backward()
+    policy, _ = R.prepare_training(training_args(fsdp=True, precision="bf16"), run, model)
+    with R.compute_context("bf16", run.device):
+        (-(policy(prompts, ids, 2).sum(1) * ADVANTAGES).sum()).backward()
     sharded = full(model, "grad")
     grads = {}
     for precision in ("bf16", "fp32"):
-        with M.compute_context(precision, run.device):
+        with R.compute_context(precision, run.device):
             (-(M.completion_logprobs(plain, prompts, ids, 2).sum(1) * ADVANTAGES).sum()).backward()
         grads[precision] = full(plain, "grad")
         plain.zero_grad()

@@ -10,6 +10,7 @@ import torch
 
 import data as D
 import model as M
+import run as R
 import train_grpo as T
 import train_sft as S
 from conftest import make_image
@@ -246,7 +247,7 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, warm_tiny):
 def test_an_unreadable_image_is_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setenv("CLS_RL_CACHE", str(tmp_path / "cache"))  # its own copy, to corrupt
     args = T.parse_args(FAST + ["--output-dir", str(tmp_path / "run"), "--batch-size", "2"])
-    train, _ = S.load_train_test(args)
+    train, _ = R.load_train_test(args)
     first_index = D.step_picks(args.seed, len(train.examples), 0, 4)[0][0]
     with open(train.examples[first_index].image, "wb") as f:
         f.write(b"not a png")

@@ -12,6 +12,7 @@ import torch
 import data as D
 import evaluate as E
 import model as M
+import run as R
 import train_grpo as T
 import train_sft as S
 from helpers import FAST, ROOT, env, launch, max_difference, metrics, run_script, weights
@@ -45,7 +46,7 @@ def no_loading(monkeypatch):
     """Flag errors must stop a script before any model is loaded."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
-    for module in (M, E, S, T):  # every module that imports load_model by name
+    for module in (M, R, E, T):  # every module that imports load_model by name
         monkeypatch.setattr(module, "load_model", refuse)
 
 

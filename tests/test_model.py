@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import make_image
+from conftest import make_image, never_ending
 
 
 def test_doctests():
@@ -31,7 +31,7 @@ def test_positions_equal_transformers_rope_index(any_tiny, images, texts):
         attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
     assert torch.equal(batch.position_ids[:, real], reference[:, real])
-    assert torch.equal(batch.next_position, batch.lengths + deltas.squeeze(1))
+    assert torch.equal(batch.next_position, batch.attention_mask.sum(1) + deltas.squeeze(1))
 
 
 def test_greedy_equals_transformers_generate(any_tiny, images, texts):
@@ -81,8 +81,8 @@ def test_shared_prefix_logprobs_and_gradients_equal_naive(any_tiny, images, text
     G = 3
     batch = M.build_prompts(processor, images, texts)
     torch.manual_seed(0)
-    rollout = M.sample_groups(model, processor, batch, G, max_new_tokens=8, temperature=1.0,
-                              seeds=[1, 2, 3], min_new_tokens=8)
+    rollout = M.sample_groups(model, never_ending(processor), batch, G, max_new_tokens=8,
+                              temperature=1.0, seeds=[1, 2, 3])
     completion_ids = rollout.completion_ids.clone()
     for row, end in ((0, 2), (4, 5)):  # two completions end early: padding follows them
         completion_ids[row, end], completion_ids[row, end + 1:] = processor.end_id, processor.pad_id
@@ -175,10 +175,11 @@ def test_masks_and_texts_stop_at_the_first_end_token(tiny, images, texts):
     assert 0 < ended < 3  # both cases happen in this batch
 
 
-def test_min_new_tokens_equals_generate(tiny, images, texts):
+def test_blocking_the_end_token_forces_the_length_as_generate_does(tiny, images, texts):
+    """How bench.py and these tests force every completion to the same length."""
     model, processor = tiny
     batch = M.build_prompts(processor, images, texts)
-    ours = M.sample_groups(model, processor, batch, 1, 10, temperature=0, min_new_tokens=10)
+    ours = M.sample_groups(model, never_ending(processor), batch, 1, 10, temperature=0)
     reference = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,

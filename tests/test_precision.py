@@ -7,8 +7,9 @@ from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
+import run as R
 import train_grpo as T
-from conftest import make_image
+from conftest import make_image, never_ending, training_args
 from helpers import FAST, ROOT, max_difference, metrics, run_script, weights
 
 TEXTS = ["red circle", "blue square", "green triangle", "yellow star"]  # rewarded: 0 and 2
@@ -42,15 +43,15 @@ def tiny_at_real_scale(dtype):
 def one_update(model, processor, precision: str, lr: float = 1e-6, prompts_count: int = 1) -> dict:
     """One GRPO optimizer step through the training machinery; the weights before it."""
     prompts, ids, mask, advantages = fixed_batch(processor, prompts_count)
-    run = M.Run(0, 1, torch.device("cpu"))
+    run = R.Run(0, 1, torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    scorer, optimizer = M.prepare_training(model, run, lr, 0.0, False)
-    with M.compute_context(precision, run.device):
-        logprobs = scorer(prompts, ids, len(TEXTS))
+    policy, optimizer = R.prepare_training(training_args(lr=lr), run, model)
+    with R.compute_context(precision, run.device):
+        logprobs = policy(prompts, ids, len(TEXTS))
         loss, _ = T.grpo_loss(logprobs, logprobs.detach(), None, advantages, mask, beta=0.0,
                               epsilon=0.2, loss_norm="sequence", normaliser=len(ids))
     loss.backward()
-    M.optimizer_step(model, optimizer, lr, max_grad_norm=1.0)
+    R.optimizer_step(model, optimizer, lr, max_grad_norm=1.0)
     return before
 
 
@@ -115,8 +116,8 @@ def test_a_bf16_rollout_casts_each_weight_once_not_once_per_decode_step():
     model.requires_grad_(True)  # a policy being trained
     prompts = M.build_prompts(processor, [make_image(1), make_image(2)], ["red", "a blue square"])
     matrices = [p for p in model.parameters() if p.dim() == 2]
-    with CountWeightCasts(matrices) as counter, M.compute_context("bf16", torch.device("cpu")):
-        rollout = M.sample_groups(model, processor, prompts, 3, 12, 1.0, seeds=[1, 2], min_new_tokens=12)
+    with CountWeightCasts(matrices) as counter, R.compute_context("bf16", torch.device("cpu")):
+        rollout = M.sample_groups(model, never_ending(processor), prompts, 3, 12, 1.0, seeds=[1, 2])
     assert rollout.completion_ids.shape == (6, 12)  # 12 decode steps
     assert counter.casts and max(counter.casts.values()) == 1, max(counter.casts.values())
 

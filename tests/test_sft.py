@@ -10,6 +10,7 @@ import torch
 import data as D
 import evaluate as E
 import model as M
+import run as R
 import train_sft as S
 from conftest import make_image
 from helpers import ROOT, max_difference, metrics, run_script, weights
@@ -88,7 +89,7 @@ def test_logged_loss_is_the_mean_hugging_face_loss_of_the_step(tmp_path):
             "--device", "cpu", "--max-steps", "1", "--batch-size", "2", "--grad-accum", "2",
             "--method", "cls-rl", "--output-dir", str(out)])
     args = argparse.Namespace(**json.loads((out / "args.json").read_text()))
-    train, _ = S.load_train_test(args)
+    train, _ = R.load_train_test(args)
     step = D.load_step_examples(train, 0, seed=args.seed, method=args.method,
                                 image_size=args.image_size, rank=0, world_size=1, per_rank=4)
     model, processor = M.load_model("tiny")

@@ -5,7 +5,7 @@ import pytest
 
 from helpers import ROOT
 
-ORDER = ["rewards", "data", "model", "evaluate", "train_sft", "train_grpo", "bench"]
+ORDER = ["rewards", "data", "model", "run", "evaluate", "train_sft", "train_grpo", "bench"]
 
 
 @pytest.mark.parametrize("position, name", list(enumerate(ORDER)))

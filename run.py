@@ -1,0 +1,605 @@
+"""How a training run runs, for both trainers: processes, signals, precision, wrapping, checkpoints.
+
+train_sft.py and train_grpo.py hold the methods; everything they do the same way around their
+loops lives here, in the order a run meets it:
+
+- processes: join the torchrun job (NCCL on GPU, gloo on CPU) or run alone; print on rank 0,
+  reduce numbers over ranks;
+- flags and errors: every flag checked before anything loads, one-line errors for bad input;
+- stopping together: SIGTERM / SIGINT on any rank stops every rank at the same step boundary;
+- precision (`--precision`): fp32 master weights, bf16 math;
+- wrapping: DDP, or FSDP2 with `--fsdp`; which micro-step syncs gradients; the AdamW step;
+- checkpoints: written atomically, resumed exactly (weights, optimizer, RNG, step);
+- the run itself: the shared training flags, the output folder, what a `--resume` may change,
+  when to save, and the `final` link at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import DATASETS, PROMPT_SUFFIX, load_data, write_atomic
+from model import GroupScorer, load_model, save_pretrained
+
+# Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
+RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "eval_every",
+                     "eval_limit", "eval_batch_size", "device", "dist_timeout", "demo"}
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Run:
+    """Where this process stands in the job."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_job(device: str | None, timeout_minutes: float = 30) -> Run:
+    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU), else run alone.
+    `device` is the --device flag: cpu, cuda, or None for cuda when available."""
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Run(0, 1, torch.device("cuda" if cuda else "cpu"))
+    rank_device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank_device)
+    # a timeout, so a dead rank makes the others fail instead of waiting forever
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return Run(dist.get_rank(), dist.get_world_size(), rank_device)
+
+
+def print0(run: Run, *args, **kwargs):
+    if run.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier(run: Run):
+    if run.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce(run: Run, values: dict, op=dist.ReduceOp.SUM) -> dict:
+    """Each value summed over ranks (or reduced with `op`), in one collective for the whole dict."""
+    if run.world_size == 1:
+        return {k: float(v) for k, v in values.items()}
+    packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=run.device)
+    dist.all_reduce(packed, op=op)
+    return dict(zip(values, packed.tolist()))
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- flags and files
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file. An incomplete last line (a write cut short by a kill)
+    is dropped with a note; a bad line elsewhere is an error naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    lines = Path(path).read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):  # a newline after it: not a write cut short
+                raise ValueError(f"{path} line {number} is not JSON ({err})") from None
+            print(f"{path}: dropped an incomplete last line (an interrupted write)", flush=True)
+    return records
+
+
+def append_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def check_flags(args, at_least: dict | None = None, above: dict | None = None,
+                at_most: dict | None = None) -> None:
+    """Stop with one line naming the flag, its value and what was expected, before anything is
+    loaded. Flags whose value is None (not given, no default) are not checked.
+    >>> check_flags(argparse.Namespace(batch_size=0, lr=1e-6), at_least={"batch_size": 1})
+    Traceback (most recent call last):
+    SystemExit: --batch-size 0: expected at least 1
+    """
+    tests = {"at least": float.__ge__, "more than": float.__gt__, "at most": float.__le__}
+    for words, bounds in zip(tests, (at_least or {}, above or {}, at_most or {})):
+        for name, bound in bounds.items():
+            value = getattr(args, name)  # NaN fails every comparison
+            if value is not None and not tests[words](float(value), float(bound)):
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
+
+
+def changed_flags(saved: dict, args, names) -> list[str]:
+    """'--flag was A, now B' for each of `names` whose value in `args` is not the `saved` one."""
+    return [f"--{name.replace('_', '-')} was {saved.get(name, 'not set')!r}, now {getattr(args, name)!r}"
+            for name in names if name not in saved or saved[name] != getattr(args, name)]
+
+
+@contextmanager
+def one_line_errors(script: str):
+    """Bad input met while setting up (a missing file, a malformed split, an unloadable model, an
+    unusable output folder) ends the script with its message on one line, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{script}: error: {err}") from None
+
+
+# ----------------------------------------------------------------------------- stopping together
+
+_SIGNAL = {"number": 0, "handlers": {}}  # the last TERM / INT received (0: none), the old handlers
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) no longer kill the process: they
+    ask it to stop at the next step boundary, where every rank saves and exits together."""
+    _SIGNAL["number"] = 0
+    for signum in (signal.SIGTERM, signal.SIGINT):  # the handler only records the signal
+        _SIGNAL["handlers"][signum] = signal.signal(
+            signum, lambda number, frame: _SIGNAL.update(number=number))
+
+
+def release_stop_signals():
+    """The handlers from before catch_stop_signals (a finished run in a longer process)."""
+    for signum, handler in _SIGNAL["handlers"].items():
+        signal.signal(signum, handler)
+    _SIGNAL["handlers"].clear()
+
+
+def stop_signal(run: Run) -> int:
+    """The signal any rank received (0 if none), agreed by all ranks: one rank's preemption
+    stops the whole job at the same step."""
+    number = torch.tensor(float(_SIGNAL["number"]), device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    return int(number)
+
+
+# ----------------------------------------------------------------------------- precision, wrapping, the optimizer step
+
+def compute_context(precision: str, device: torch.device):
+    """Where the forward and backward math of `--precision bf16` happens: autocast to bf16 over
+    fp32 weights. Autocast keeps the bf16 copy of every weight that requires grad for the life
+    of its outermost region, so one region around a whole rollout casts each weight ONCE, not
+    once per decode step. `fp32`: plain fp32 math."""
+    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare_training(args, run: Run, model):
+    """Training mode, optional activation checkpointing (`--grad-checkpointing`), DDP when
+    distributed (or FSDP2 with `--fsdp`, see `shard`), AdamW at `--lr`.
+
+    The weights stay in fp32 whatever the precision: they are the master copy that AdamW
+    updates (a 1e-6 step applied to bf16 weights would round away), and their gradients and
+    AdamW's moments are fp32 too. Returns (policy, optimizer): the policy's forward is
+    completion_logprobs as ONE module call, which is what DDP needs to sync every gradient.
+    """
+    model.train()
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = shard(model, run, args.precision) if args.fsdp else GroupScorer(model)
+    if run.world_size > 1 and not args.fsdp:
+        # gradients as views into DDP's all-reduce buckets: no second gradient-sized buffer
+        policy = DDP(policy, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                     gradient_as_bucket_view=True)
+    return policy, new_optimizer(model, run, args.lr, args.weight_decay)
+
+
+def new_optimizer(model, run: Run, lr: float, weight_decay: float):
+    """AdamW over the model's parameters (under FSDP, this rank's fp32 shards of them)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=weight_decay, fused=run.device.type == "cuda")
+
+
+def shard(model, run: Run, precision: str, frozen: bool = False) -> GroupScorer:
+    """`--fsdp`: torch's FSDP2 over all ranks, instead of a full copy of everything per rank.
+
+    Each decoder layer and each vision block is one unit, all-gathered just before it runs
+    (forward, and again in backward) and freed after; the GroupScorer is the root unit, which
+    holds the rest (embedding and output layer, tied in 2B, final norm, patch embedding,
+    merger) from its forward to the end of backward. A rank keeps 1/world_size of every weight,
+    gradient and AdamW moment, all fp32. Under bf16 the MixedPrecisionPolicy gathers weights in
+    bf16 for the math and reduces gradients in fp32, the semantics of autocast over fp32 masters
+    under DDP; fp32: everything fp32. `frozen` (the KL reference, never backpropagated): the root
+    frees its weights after each forward too."""
+    mesh = init_device_mesh(run.device.type, (run.world_size,))
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                 reduce_dtype=torch.float32)
+    for block in (*model.model.language_model.layers, *model.model.visual.blocks):
+        fully_shard(block, mesh=mesh, mp_policy=mixed)
+    return fully_shard(GroupScorer(model), mesh=mesh, mp_policy=mixed,
+                       reshard_after_forward=True if frozen else None)
+
+
+def sharded(model) -> bool:
+    """Whether FSDP (`shard`) manages the model's weights."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def full_weights(policy):
+    """The whole policy gathered ONCE for work that calls the bare model many times (a rollout's
+    decode steps, held-out evaluation), and freed after. Under FSDP a layer's every forward
+    would otherwise all-gather its weights and free them again: a 1024-token rollout would
+    gather the whole model 1024 times. Nothing to do without FSDP (or for policy None)."""
+    if not isinstance(policy, FSDPModule):
+        yield
+        return
+    # FSDP makes the module whose forward runs first its root; a rollout calls the layers
+    # first, so settle now that the policy is the root (torch has no public call for this)
+    policy._get_fsdp_state()._lazy_init()
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()  # one all-gather per unit, in bf16 under bf16 precision
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # as fully_shard set it: the root keeps its weights from forward to backward
+            unit.set_reshard_after_forward(unit is not policy, recurse=False)
+
+
+def sync_gradients(policy, last: bool):
+    """DDP averages gradients across ranks only on the last micro-step of an optimizer step;
+    the earlier ones just accumulate locally (syncing each would cost a full all-reduce).
+    FSDP likewise reduce-scatters only on the last; until then each rank accumulates full-size
+    fp32 gradients (4 bytes per parameter)."""
+    if isinstance(policy, FSDPModule):
+        policy.set_requires_gradient_sync(last)
+    return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
+
+
+def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[float, bool]:
+    """Clip and step; a non-finite gradient norm skips the update.
+
+    After DDP's all-reduce every rank holds the same gradients, so every rank sees the same
+    norm and skips (or not) together. Under FSDP each rank holds a shard of every gradient
+    (DTensors): the norm of the shards is summed over ranks (`full_tensor`), so again every
+    rank clips by, and skips on, the same global norm. Returns (grad norm, skipped).
+    """
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, total_norm)
+    skipped = not torch.isfinite(total_norm)
+    if not skipped:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(total_norm), skipped
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dict, precision: str):
+    """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
+    --precision bf16, as the hub ships Qwen2-VL), trainer_state.pt (`state`, the optimizer, and
+    under bf16 the fp32 master weights, so a resume never re-rounds them) and one RNG file per
+    rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
+    the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
+    every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
+    and renamed: a crash mid-save never leaves a half checkpoint."""
+    tmp = path + ".tmp"
+    fsdp = sharded(model)
+    try:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier(run)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
+        weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
+        if run.is_main:
+            if fsdp:
+                state = {**state, "sharded_optimizer": bool(optimizer.state)}
+            else:
+                state = {**state, "optimizer": optimizer.state_dict()}
+            if precision == "bf16":
+                if not fsdp:
+                    state = {**state, "master_weights": weights}
+                weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
+            save_pretrained(model, processor, tmp, weights)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        if fsdp:
+            dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
+                     checkpoint_id=os.path.join(tmp, "sharded"))
+        barrier(run)  # every rank's files are in before the rename
+        if run.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    except OSError as err:  # a full disk: say which checkpoint could not be written
+        raise OSError(f"could not write checkpoint {path}: {err}") from err
+    barrier(run)
+
+
+def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
+    """Restore the fp32 weights (the master copy when the checkpoint has one; under FSDP this
+    rank's shards from path/sharded/), the optimizer and this rank's RNG from a save_checkpoint
+    directory; returns the saved state."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=run.device,
+                       weights_only=False)
+    if sharded(model):
+        with_optimizer = state.pop("sharded_optimizer")
+        shards = sharded_state(model, optimizer, with_optimizer)
+        dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
+        if with_optimizer:
+            set_state_dict(model, optimizer, model_state_dict=shards["model"],
+                           optim_state_dict=shards["optimizer"])
+        else:
+            set_model_state_dict(model, shards["model"])
+    else:
+        if "master_weights" in state:
+            model.load_state_dict(state.pop("master_weights"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+    rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
+    if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def saved_state(folder: str) -> dict:
+    """trainer_state.pt of a checkpoint of this project ({} for any other model folder): "step",
+    "args" (the flags it was trained with), "warm_start" (a GRPO warm start's checkpoint), ...
+    Memory-mapped: reading them does not read the optimizer state beside them (gigabytes)."""
+    path = os.path.join(folder, "trainer_state.pt")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True) \
+        if os.path.isfile(path) else {}
+
+
+def full_state_dict(model) -> dict:
+    """The model's complete state dict. Under FSDP every rank must call this (each weight is
+    gathered in turn) and only rank 0 gets it, on the CPU; the others get {}."""
+    if not sharded(model):
+        return model.state_dict()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (the output layer's is the embedding's) comes back as two copies: make them
+    # one tensor again, as in model.state_dict(), so that it is saved once
+    first = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if full and first.setdefault(id(value), name) != name:
+            full[name] = full[first[id(value)]]
+    return full
+
+
+def sharded_state(model, optimizer, with_optimizer: bool) -> dict:
+    """This rank's shards of the weights and, `with_optimizer`, of AdamW's state, keyed by
+    parameter name. Without: torch's helper would first give an optimizer that has not stepped
+    yet a state (by a zero step), and the first real update would then count as its second."""
+    if not with_optimizer:
+        return {"model": get_model_state_dict(model)}
+    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict):
+    random.setstate(state["python"]), np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- the run
+
+def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
+                    max_new_tokens_help: str, epochs: float | None = None):
+    """The command line of a training script (its docstring `doc`) with the flags that mean the
+    same thing in train_sft.py and train_grpo.py (`epochs` None: the script sets the default
+    after parsing); train_grpo.py adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, local folder, or 'tiny' (offline)")
+    a("--dataset", default="demo", choices=list(DATASETS) + ["demo"], help="training dataset")
+    a("--data-root", default=None, help="folder holding the datasets in the CoOp layout (see data.py)")
+    a("--setting", default="fewshot", choices=["fewshot", "base2new"], help="base2new: the base half")
+    a("--shots", type=int, default=4, help="training images per class")
+    a("--method", default="no-think", choices=list(PROMPT_SUFFIX), help="prompt and GRPO reward recipe")
+    a("--lr", type=float, default=lr, help="peak learning rate")
+    a("--lr-schedule", default="linear", choices=["linear", "constant"], help="linear: to 0 (authors')")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping threshold")
+    a("--epochs", type=float, default=epochs, help=epochs_help)
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    a("--batch-size", type=int, default=1, help="prompts per process per micro-step")
+    a("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
+    a("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
+    a("--image-size", type=int, default=384, help="square LANCZOS resize (authors: 384; paper: 328)")
+    a("--seed", type=int, default=100, help="few-shot choice, candidate lists and sampling (authors: 100)")
+    a("--precision", choices=["bf16", "fp32"], help="bf16: fp32 masters, bf16 math (default on GPU)")
+    a("--output-dir", default="runs/latest", help="checkpoints, metrics.jsonl and args.json go here")
+    a("--resume", default=None, help="checkpoint directory to continue from, or 'latest' in --output-dir")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    a("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    a("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0: never)")
+    a("--eval-limit", type=int, default=None, help="test images used by --eval-every (default: all)")
+    a("--eval-batch-size", type=int, default=32, help="prompts per greedy decoding batch in evaluation")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    a("--fsdp", action="store_true", help="FSDP2: shard weights, gradients, AdamW state (for 7B)")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
+    return parser
+
+
+def start_run(args, script: str):
+    """Everything before training: check the flags, join the job, check the output folder and
+    what --resume continues, write args.json and catch stop signals; then load the data and the
+    model (from the checkpoint when resuming; fp32, the master weights). Returns (run,
+    checkpoint to resume from or None, training data, test data, model, processor)."""
+    check_flags(args, above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0), at_least=dict(
+        batch_size=1, grad_accum=1, image_size=1, shots=1, max_steps=1, max_new_tokens=1, save_every=0,
+        keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0))
+    if args.fsdp and "RANK" not in os.environ:
+        raise SystemExit("--fsdp: shards over the processes of a torchrun job; launch with torchrun "
+                         "(--nproc_per_node 1 works too)")
+    run = join_job(args.device, args.dist_timeout)
+    args.precision = args.precision or ("bf16" if run.device.type == "cuda" else "fp32")
+    with one_line_errors(script):
+        prepare_output_dir(args, run)
+        checkpoint = find_checkpoint(args)
+        if checkpoint:
+            check_resume(args, checkpoint)
+    if run.is_main:  # only now: a refused resume keeps the record of the run it would continue
+        write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
+    catch_stop_signals()
+    with one_line_errors(script):
+        train_data, test_data = load_train_test(args)
+        model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+    return run, checkpoint, train_data, test_data, model, processor
+
+
+def prepare_output_dir(args, run: Run):
+    """A fresh run starts fresh logs and never mixes into another run's checkpoints. Every rank
+    checks (so all of them stop together on a bad folder); rank 0 alone writes."""
+    folder = args.output_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"--output-dir {folder} is a file; expected a folder")
+    if not args.resume and not getattr(args, "demo", False) and checkpoint_dirs(folder):
+        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run; "
+                              "pass --resume latest to continue it, or choose another --output-dir")
+    if run.is_main:
+        if getattr(args, "demo", False) and not args.resume:  # the demo's folder is started over
+            shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--output-dir {folder} is not writable")
+        for name in ("metrics.jsonl", "warm_start.jsonl"):
+            if not args.resume and os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    barrier(run)
+
+
+def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
+    """A run's complete checkpoint folders, oldest first (a .tmp one is a save cut short)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(d for d in names if d.startswith(prefix) and not d.endswith(".tmp"))
+
+
+def find_checkpoint(args) -> str | None:
+    """The --resume folder: a path, or with 'latest' the newest checkpoint in --output-dir (a
+    GRPO run stopped during its warm start has only warm_start-* ones)."""
+    if not args.resume:
+        return None
+    if args.resume != "latest":
+        if not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
+            raise FileNotFoundError(f"--resume {args.resume}: no trainer_state.pt there; expected a "
+                                    "checkpoint-* folder written by train_sft.py or train_grpo.py")
+        return args.resume
+    found = checkpoint_dirs(args.output_dir) or checkpoint_dirs(args.output_dir, "warm_start-")
+    if not found:
+        raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {args.output_dir}")
+    return os.path.join(args.output_dir, found[-1])
+
+
+def check_resume(args, checkpoint: str):
+    """A resumed run continues the saved trajectory: any flag that would change it (model,
+    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with."""
+    saved = saved_state(checkpoint)["args"]
+    changed = changed_flags(saved, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
+    if changed:
+        raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
+                         f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
+                         f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
+
+
+def load_train_test(args):
+    """Training examples (few-shot, base classes for base2new) and the matching test split."""
+    setting = "fewshot" if args.setting == "fewshot" else "base"
+    train = load_data(args.dataset, args.data_root, setting, "train", args.shots, args.seed,
+                      fewshot_file=os.path.join(args.output_dir, "fewshot.json"))
+    return train, load_data(args.dataset, args.data_root, setting, "test")
+
+
+def total_steps(args, num_examples: int, world_size: int) -> int:
+    """--max-steps (checked to be at least 1), else --epochs over the training set."""
+    global_batch = world_size * args.batch_size * args.grad_accum
+    return args.max_steps or max(1, math.ceil(args.epochs * num_examples / global_batch))
+
+
+def due(every: int, step: int, total: int) -> bool:
+    """Whether step `step` (from 1) is one of every `every`, or the last; never for every = 0."""
+    return bool(every) and (step % every == 0 or step == total)
+
+
+def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimizer,
+                 warm_start: bool = False):
+    """After optimizer step `step` (from 1): checkpoint every --save-every steps, at the end
+    (not at a GRPO warm start's end: GRPO goes on from it), or when any rank got SIGTERM /
+    SIGINT; then every rank exits together, non-zero, so a scheduler sees the job did not
+    finish (and no `final` link points at the unfinished run). A warm start's checkpoints are
+    warm_start-N, the run's checkpoint-N."""
+    signum = stop_signal(run)
+    prefix = "warm_start-" if warm_start else "checkpoint-"
+    if signum or (step == total and not warm_start) or (args.save_every and step % args.save_every == 0):
+        path = os.path.join(args.output_dir, f"{prefix}{step:06d}")
+        save_checkpoint(path, run, model, processor, optimizer,
+                        {"step": step, "args": vars(args), "warm_start": warm_start}, args.precision)
+        if run.is_main:
+            for name in checkpoint_dirs(args.output_dir, prefix)[:-args.keep_checkpoints]:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    if signum:
+        print0(run, f"{signal.Signals(signum).name}: saved {prefix}{step:06d} and stopped; "
+                    "continue with --resume latest")
+        if run.world_size > 1:
+            dist.destroy_process_group()
+        raise SystemExit(128 + signum)
+
+
+def finish(args, run: Run, t0: float):
+    """Point <output-dir>/final at the last checkpoint of the finished run, print the training
+    time and leave the process group cleanly."""
+    saved = checkpoint_dirs(args.output_dir)
+    if run.is_main and saved:
+        link = os.path.join(args.output_dir, "final")
+        if os.path.lexists(link + ".tmp"):  # left by a crash in this very spot
+            os.remove(link + ".tmp")
+        os.symlink(saved[-1], link + ".tmp")
+        os.replace(link + ".tmp", link)  # atomic, also over the link of an earlier run
+        print0(run, f"final model: {link} -> {saved[-1]}")
+    print0(run, f"training time: {(time.time() - t0) / 60:.1f} min; outputs in {args.output_dir}")
+    release_stop_signals()
+    if run.world_size > 1:
+        dist.destroy_process_group()
+
+
