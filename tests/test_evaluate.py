@@ -45,7 +45,8 @@ def single(warm_tiny, tmp_path_factory):
 
 
 def test_doctests():
-    assert doctest.testmod(E).failed == 0
+    result = doctest.testmod(E)
+    assert result.failed == 0 and result.attempted >= 1, result
 
 
 def test_summary_equals_the_numbers_recomputed_from_the_predictions(single):

@@ -2,7 +2,10 @@
 import doctest
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,7 +23,8 @@ e = math.exp
 
 
 def test_doctests():
-    assert doctest.testmod(T).failed == 0
+    result = doctest.testmod(T)
+    assert result.failed == 0 and result.attempted >= 1, result
 
 
 def test_group_advantages_by_hand():
@@ -119,9 +123,17 @@ def test_one_update_raises_the_rewarded_completion_and_lowers_the_other(fresh_ti
     assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
 
 
-def test_rollout_seeds_depend_on_step_and_position_only():
-    assert T.rollout_seed(100, 3, 5) == T.rollout_seed(100, 3, 5)
-    assert len({T.rollout_seed(100, s, p) for s in range(5) for p in range(5)}) == 25
+def test_rollout_seeds_depend_on_seed_step_and_position_only():
+    """Not on the process (string hashing is salted per process), the rank, or any global RNG:
+    a fresh interpreter with another hash salt and other global seeds draws the same seeds."""
+    here = [T.rollout_seed(100, s, p) for s in range(5) for p in range(5)]
+    assert len(set(here)) == 25  # every (step, position) its own stream
+    assert T.rollout_seed(101, 3, 4) != T.rollout_seed(100, 3, 4)
+    code = ("import random, torch, train_grpo as T; random.seed(7); torch.manual_seed(7); "
+            "print([T.rollout_seed(100, s, p) for s in range(5) for p in range(5)])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345", "RANK": "1"}, check=True)
+    assert json.loads(out.stdout) == here
 
 
 @pytest.mark.parametrize("method", ["cls-rl", "no-think", "think-after-answer", "adaptive"])
@@ -235,7 +247,7 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, warm_tiny):
                    "1", "--num-generations", "4", "--lr", "1e-3", "--output-dir", "run",
                    "--save-every", "1", "--keep-checkpoints", "5"]
     out = run_script(ROOT / "tests/nan_on_rank1.py", args, tmp_path, nproc=2)
-    assert "update skipped" in out or "skipped the update" in out
+    assert "step 1: non-finite gradient norm; every rank skipped the update" in out
     first, second = metrics(tmp_path / "run")
     assert first["skipped_update"] and not math.isfinite(first["grad_norm"])
     assert not second["skipped_update"] and second["zero_spread_share"] < 1
@@ -280,7 +292,7 @@ def test_demo_learns(tmp_path):
     out = run_script(ROOT / "train_grpo.py", [], tmp_path, timeout=600)
     before, after = (float(x.split("%")[0]) for x in
                      out.split("held-out accuracy: ")[1].split(" before GRPO, "))
-    assert after >= before
+    assert after > before
     records = metrics(tmp_path / "runs/demo")
     rewards = [r["reward"] for r in records]
     quarter = len(rewards) // 4
