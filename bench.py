@@ -66,7 +66,8 @@ IMAGENET_GROUPS = 40_000  # 1,000 classes x 4 shots x 10 epochs
 
 def build_models(preset: dict, layers, vision_layers, device, precision: str):
     """Policy and frozen reference with the same random weights, and a Processor for our path.
-    As in training: the policy holds fp32 (master) weights, the reference bf16 under bf16."""
+    As in training: the policy holds fp32 (master) weights, the reference bf16 under bf16 (its
+    rotary buffers fp32, as the policy's)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     text = dict(preset["text"])
@@ -88,8 +89,8 @@ def build_models(preset: dict, layers, vision_layers, device, precision: str):
     torch.manual_seed(0)
     with torch.device(device):
         policy = Qwen2VLForConditionalGeneration(config).float()
-        reference = Qwen2VLForConditionalGeneration(config).to(
-            torch.bfloat16 if precision == "bf16" else torch.float32)
+        reference = Qwen2VLForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False).eval()
     # specials and unused ids, and the end token too: every completion runs to the forced length
@@ -212,12 +213,13 @@ class PeakMemory:
 def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length, device,
               precision: str) -> Phases:
     """One GRPO step over all prompt groups of `prompts`, phase by phase, on `path`; the math in
-    the training's precision (bf16: autocast over the fp32 policy, as train_grpo.py)."""
+    the training's precision (bf16: the fp32 policy computes with bf16 casts of its weights, as
+    in train_grpo.py)."""
     B = prompts.input_ids.shape[0]
     phases = Phases()
     with PeakMemory(device) as memory:
         t0 = timer(device)
-        with torch.no_grad(), compute_context(precision, device):
+        with torch.no_grad(), compute_context(policy, precision):
             policy.eval()
             if path == "naive":
                 completions = naive_rollout(policy, processor, prompts, G, length)
@@ -229,18 +231,18 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
         t1 = timer(device)
         groups = [(slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
         score = naive_logprobs if path == "naive" else completion_logprobs
-        with torch.no_grad(), compute_context(precision, device):
+        with torch.no_grad():
             ref = [score(reference, p, c, G) for p, c in groups]
         t2 = timer(device)
         policy.train()
         advantages = torch.randn(B, G, generator=torch.Generator().manual_seed(1)).to(device)
         for (p, c), ref_logprobs, adv in zip(groups, ref, advantages):
-            with compute_context(precision, device):
+            with compute_context(policy, precision):
                 logprobs = score(policy, p, c, G)
                 loss, _ = grpo_loss(logprobs, logprobs.detach(), ref_logprobs, adv,
-                                      torch.ones_like(c), beta=0.04, epsilon=0.2,
-                                      loss_norm="sequence", normaliser=B * G)
-            loss.backward()
+                                    torch.ones_like(c), beta=0.04, epsilon=0.2,
+                                    loss_norm="sequence", normaliser=B * G)
+                loss.backward()
         t3 = timer(device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -251,23 +253,30 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
 
 
 def rollout_by_precision(policy, processor, prompts, G: int, length: int, device, repeats: int) -> dict:
-    """Seconds of our rollout (all groups) in fp32, in bf16 with one autocast region around the
+    """Seconds of our rollout (all groups) in fp32, in bf16 with one compute_context around the
     whole rollout (train_grpo.py: each weight cast to bf16 once), and in bf16 with the weights
     cast again at every decode step (what a region per forward call would cost)."""
-    def recast(module, args, kwargs):
-        torch.clear_autocast_cache()  # drop the cached bf16 weights: the next forward recasts
+    regions = []
+
+    def enter(module, args, kwargs):  # a region of its own for each forward call
+        regions.append(compute_context(policy, "bf16"))
+        regions[-1].__enter__()
+
+    def leave(module, args, kwargs, output):
+        regions.pop().__exit__(None, None, None)
     seeds = list(range(prompts.input_ids.shape[0]))
     times = {}
     for name, precision, per_step in (("fp32", "fp32", False), ("bf16", "bf16", False),
-                                      ("bf16_recast_per_step", "bf16", True)):
-        hook = policy.register_forward_pre_hook(recast, with_kwargs=True) if per_step else None
+                                      ("bf16_recast_per_step", "fp32", True)):
+        hooks = [policy.register_forward_pre_hook(enter, with_kwargs=True),
+                 policy.register_forward_hook(leave, with_kwargs=True)] if per_step else []
         runs = []
         for _ in range(repeats + 1):  # the first is a warm-up
             t0 = timer(device)
-            with compute_context(precision, device):
+            with torch.no_grad(), compute_context(policy, precision):
                 sample_groups(policy, processor, prompts, G, length, 1.0, seeds=seeds)
             runs.append(timer(device) - t0)
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         times[name] = statistics.median(runs[1:])
     return times

@@ -160,7 +160,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = Qwen2VLForConditionalGeneration(config).to(device=device, dtype=dtype)
+            # weights in `dtype`, rotary buffers in fp32, as from_pretrained(dtype=...) gives
+            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).to(device)
         image_processor = Qwen2VLImageProcessorPil()
     else:
         name = os.path.expanduser(name)
@@ -417,14 +418,13 @@ class _TokenLogprobs(torch.autograd.Function):
 
     Only (chunk, V) logits exist at once, in forward AND backward (recomputed there), instead of
     the (N, V) logits, their fp32 copy and the softmax that autograd would otherwise keep. The
-    matmuls run in bf16 inside a bf16 autocast region (backward runs outside any region, so the
-    dtype is fixed in forward and used again there); softmax and sums are fp32 (fp64 stays).
+    matmuls run in the hidden states' dtype (bf16 under --precision bf16), softmax and sums in
+    fp32 (fp64 stays fp64).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        device = hidden.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        compute = hidden.dtype
         dtype = torch.promote_types(compute, torch.float32)  # bf16 -> fp32, fp64 stays
         h, w = hidden.to(compute), weight.to(compute)
         logprobs = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)  # (N,)

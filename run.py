@@ -190,12 +190,44 @@ def stop_signal(run: Run) -> int:
 
 # ----------------------------------------------------------------------------- precision, wrapping, the optimizer step
 
-def compute_context(precision: str, device: torch.device):
-    """Where the forward and backward math of `--precision bf16` happens: autocast to bf16 over
-    fp32 weights. Autocast keeps the bf16 copy of every weight that requires grad for the life
-    of its outermost region, so one region around a whole rollout casts each weight ONCE, not
-    once per decode step. `fp32`: plain fp32 math."""
-    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+@contextmanager
+def swapped_weights(model, weights: dict):
+    """Inside the block `model` computes with `weights` (parameter name -> tensor) in place of
+    those parameters; outside, with its own. Autograd sees through the swap: a weight that is a
+    differentiable cast of a parameter passes its gradient on to that parameter. Tied
+    parameters (the output layer is the embedding in Qwen2-VL) need an entry under each name."""
+    saved = {}
+    for name, tensor in weights.items():
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        saved[module, attribute] = module._parameters[attribute]
+        module._parameters[attribute] = tensor
+    try:
+        yield
+    finally:
+        for (module, attribute), parameter in saved.items():
+            module._parameters[attribute] = parameter
+
+
+def compute_context(model, precision: str):
+    """Where the forward (and backward) math of `--precision bf16` happens: the fp32 master
+    weights are cast to bf16 ONCE when the block starts (one cast per weight for a whole
+    rollout, not one per decode step; differentiable, so gradients reach the fp32 masters in
+    fp32), and the network computes with them exactly as a model whose weights are bf16 does:
+    norms, embeddings and the residual stream in bf16 too. That is the computation of the KL
+    reference held as bf16 weights, of FSDP's MixedPrecisionPolicy (which casts per unit, so
+    nothing to do here under FSDP) and of the authors' DeepSpeed bf16: the policy and its
+    reference compute identically from identical weights (KL exactly 0 at the start).
+    (torch.autocast would keep norms and the residual stream in fp32: another computation.)
+    Backward must run inside the block when activation checkpointing recomputes the forward
+    then. `fp32`: plain fp32 math, nothing to do."""
+    if precision == "fp32" or sharded(model):
+        return nullcontext()
+    casts = {}  # one cast per tensor: tied names share it
+    for parameter in model.parameters():
+        casts[id(parameter)] = parameter.to(torch.bfloat16)  # itself if already bf16
+    return swapped_weights(model, {name: casts[id(parameter)]
+                                   for name, parameter in model.named_parameters(remove_duplicate=False)})
 
 
 def prepare_training(args, run: Run, model):
@@ -232,12 +264,14 @@ def shard(model, run: Run, precision: str, frozen: bool = False) -> GroupScorer:
     holds the rest (embedding and output layer, tied in 2B, final norm, patch embedding,
     merger) from its forward to the end of backward. A rank keeps 1/world_size of every weight,
     gradient and AdamW moment, all fp32. Under bf16 the MixedPrecisionPolicy gathers weights in
-    bf16 for the math and reduces gradients in fp32, the semantics of autocast over fp32 masters
-    under DDP; fp32: everything fp32. `frozen` (the KL reference, never backpropagated): the root
+    bf16 for the math and reduces gradients in fp32: the computation compute_context gives a DDP
+    policy; fp32: everything fp32. `frozen` (the KL reference, never backpropagated): the root
     frees its weights after each forward too."""
     mesh = init_device_mesh(run.device.type, (run.world_size,))
+    # inputs are not cast: a unit's inputs stay as the model makes them (the vision tower's
+    # rotary angles fp32), as in a bf16 model and under compute_context
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                 reduce_dtype=torch.float32)
+                                 reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in (*model.model.language_model.layers, *model.model.visual.blocks):
         fully_shard(block, mesh=mesh, mp_policy=mixed)
     return fully_shard(GroupScorer(model), mesh=mesh, mp_policy=mixed,

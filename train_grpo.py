@@ -53,8 +53,8 @@ from model import (GroupScorer, PromptBatch, build_prompts, load_model, sample_g
 from run import (Run, all_reduce, append_jsonl, barrier, check_flags, checkpoint_dirs,
                  compute_context, due, finish, full_state_dict, full_weights, load_checkpoint,
                  new_optimizer, one_line_errors, optimizer_step, peak_memory_gb, prepare_training,
-                 print0, save_or_stop, saved_state, shard, start_run, sync_gradients, total_steps,
-                 training_parser)
+                 print0, save_or_stop, saved_state, shard, start_run, swapped_weights, sync_gradients,
+                 total_steps, training_parser)
 from evaluate import held_out_accuracy
 from train_sft import fit
 
@@ -154,20 +154,23 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
     return random.Random(f"{seed}:rollout:{step}:{position}").getrandbits(62)
 
 
-def micro_steps(args, policy, reference, prompts: PromptBatch, rollout, advantages) -> list[MicroStep]:
+@torch.no_grad()
+def micro_steps(args, model, policy, reference, prompts: PromptBatch, rollout, advantages) -> list[MicroStep]:
     """Cut one rollout into A micro-steps, scoring each under the frozen reference (and under
     the policy as it sampled, when the rollout is reused for more than one update, mu > 1)."""
     B, G = args.batch_size, args.num_generations
     steps = []
-    with torch.no_grad(), compute_context(args.precision, prompts.input_ids.device):
-        for m in range(args.grad_accum):
-            micro_prompts = slice_prompts(prompts, m * B, (m + 1) * B)
-            rows = slice(m * B * G, (m + 1) * B * G)
-            ids = rollout.completion_ids[rows]
-            steps.append(MicroStep(
-                micro_prompts, ids, rollout.completion_mask[rows], advantages[rows],
-                ref_logprobs=None if reference is None else reference(micro_prompts, ids, G),
-                old_logprobs=policy(micro_prompts, ids, G) if args.num_iterations > 1 else None))
+    for m in range(args.grad_accum):
+        micro_prompts = slice_prompts(prompts, m * B, (m + 1) * B)
+        rows = slice(m * B * G, (m + 1) * B * G)
+        ids = rollout.completion_ids[rows]
+        old_logprobs = None
+        if args.num_iterations > 1:
+            with compute_context(model, args.precision):
+                old_logprobs = policy(micro_prompts, ids, G)
+        steps.append(MicroStep(micro_prompts, ids, rollout.completion_mask[rows], advantages[rows],
+                               ref_logprobs=None if reference is None else reference(micro_prompts, ids, G),
+                               old_logprobs=old_logprobs))
     return steps
 
 
@@ -181,7 +184,7 @@ def main(argv=None):
     policy, optimizer = prepare_training(args, run, model)
     if args.warm_start_steps and not resuming_grpo:
         warm_start(args, run, model, processor, policy, train_data, test_data, checkpoint)
-    reference = load_reference(args, run, checkpoint)
+    reference = load_reference(args, run, model, checkpoint)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if resuming_grpo else 0
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A, G, mu = args.batch_size, args.grad_accum, args.num_generations, args.num_iterations
@@ -202,7 +205,7 @@ def main(argv=None):
         prompts = build_prompts(processor, batch.images, batch.texts, run.device)
         seeds = [rollout_seed(args.seed, step, run.rank * B * A + j) for j in range(B * A)]
         # one region: each weight cast to bf16 once (DDP), or gathered once (FSDP), per rollout
-        with full_weights(policy), compute_context(args.precision, run.device):
+        with torch.no_grad(), full_weights(policy), compute_context(model, args.precision):
             rollout = sample_groups(model, processor, prompts, G, args.max_new_tokens,
                                     args.temperature, args.top_p, seeds)
         # 2. rewards, and advantages within each group of G completions of one prompt
@@ -213,7 +216,7 @@ def main(argv=None):
         advantages = group_advantages(rewards.view(B * A, G)).flatten().to(run.device)  # (BAG,)
         times["rollout"] = timer(run.device)
         # 3. per micro-step: its prompts, completions, and the frozen reference's log-probs
-        micro = micro_steps(args, policy, reference, prompts, rollout, advantages)
+        micro = micro_steps(args, model, policy, reference, prompts, rollout, advantages)
         times["reference"] = timer(run.device)
         rollout_stats = rollout_record(args, run, rollout, rewards, components, prompts, batch.unreadable)
         # DDP averages gradients over ranks, so dividing each rank's sum by its own completion
@@ -225,16 +228,15 @@ def main(argv=None):
             model.train()
             sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_tokens": 0.0, "tokens": 0.0}
             for m, micro_step in enumerate(micro):
-                with sync_gradients(policy, last=m == A - 1):
-                    with compute_context(args.precision, run.device):
-                        logprobs = policy(micro_step.prompts, micro_step.completion_ids, G)  # (BG, T)
-                        # one update per rollout: old = current, so the ratio is 1 and the
-                        # gradient is that of adv * logp (clipping can only act when mu > 1)
-                        old = logprobs.detach() if micro_step.old_logprobs is None else micro_step.old_logprobs
-                        loss, stats = grpo_loss(logprobs, old, micro_step.ref_logprobs, micro_step.advantages,
-                                                micro_step.completion_mask, beta=args.beta,
-                                                epsilon=args.epsilon, loss_norm=args.loss_norm,
-                                                normaliser=normaliser)
+                with sync_gradients(policy, last=m == A - 1), compute_context(model, args.precision):
+                    logprobs = policy(micro_step.prompts, micro_step.completion_ids, G)  # (BG, T)
+                    # one update per rollout: old = current, so the ratio is 1 and the
+                    # gradient is that of adv * logp (clipping can only act when mu > 1)
+                    old = logprobs.detach() if micro_step.old_logprobs is None else micro_step.old_logprobs
+                    loss, stats = grpo_loss(logprobs, old, micro_step.ref_logprobs, micro_step.advantages,
+                                            micro_step.completion_mask, beta=args.beta,
+                                            epsilon=args.epsilon, loss_norm=args.loss_norm,
+                                            normaliser=normaliser)
                     loss.backward()
                 for key, value in {"loss": float(loss.detach()), **stats}.items():
                     sums[key] += value
@@ -283,12 +285,15 @@ def warm_start(args, run: Run, model, processor, policy, train_data, test_data, 
     barrier(run)
 
 
-def load_reference(args, run: Run, checkpoint: str | None):
-    """The frozen KL reference, as a GroupScorer: the weights GRPO started from (the
-    warm-started model when there was a warm start, found beside the checkpoint on a resume), in
-    bf16 under --precision bf16. None when beta = 0. Under --fsdp it is sharded too: a bf16 copy
-    on every GPU would take 2 bytes per parameter (16.6 GB for 7B), 1/world_size of that when
-    sharded, for one all-gather of it per micro-step: the room a 7B run on 80 GB GPUs needs."""
+def load_reference(args, run: Run, model, checkpoint: str | None):
+    """The frozen KL reference: (prompts, completion_ids, G) -> (BG, T) log-probs under the
+    weights GRPO started from (the warm-started model when there was a warm start, found beside
+    the checkpoint on a resume), held in the compute dtype (bf16 under --precision bf16). None
+    when beta = 0. It is the policy's own network computing with those frozen weights (no second
+    model), so at the start, when the weights are equal, the two compute the same numbers bit
+    for bit and the KL is exactly 0 (run.compute_context). Under --fsdp it is a sharded model:
+    a bf16 copy on every GPU would take 2 bytes per parameter (16.6 GB for 7B), 1/world_size of
+    that when sharded, for one all-gather of it per micro-step: the room 7B on 80 GB GPUs needs."""
     if not args.beta:
         return None
     run_dir = os.path.dirname(checkpoint) if checkpoint else args.output_dir
@@ -296,7 +301,14 @@ def load_reference(args, run: Run, checkpoint: str | None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     with one_line_errors("train_grpo.py"):
         reference = load_model(source, run.device, dtype=dtype)[0].requires_grad_(False)
-    return shard(reference, run, args.precision, frozen=True) if args.fsdp else GroupScorer(reference)
+    if args.fsdp:
+        return shard(reference, run, args.precision, frozen=True)
+    weights, scorer = dict(reference.named_parameters(remove_duplicate=False)), GroupScorer(model)
+
+    def reference_logprobs(prompts, completion_ids, group_size):
+        with swapped_weights(model, weights):
+            return scorer(prompts, completion_ids, group_size)
+    return reference_logprobs
 
 
 def rollout_record(args, run: Run, rollout, rewards, components, prompts, unreadable: int) -> dict:

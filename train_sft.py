@@ -78,11 +78,10 @@ def fit(args, run: Run, model, processor, train_data, policy, optimizer, start_s
             rows = slice(m * B, (m + 1) * B)
             prompts = build_prompts(processor, batch.images[rows], batch.texts[rows], run.device)
             target_ids, target_mask = sft_batch(processor, batch.labels[rows], args.method, run.device)
-            with sync_gradients(policy, last=m == A - 1):
-                with compute_context(args.precision, run.device):
-                    logprobs = policy(prompts, target_ids, 1)  # (B, T)
-                    # mean over each answer's tokens, then over all prompts of the global batch
-                    loss = -((logprobs * target_mask).sum(1) / target_mask.sum(1)).sum()
+            with sync_gradients(policy, last=m == A - 1), compute_context(model, args.precision):
+                logprobs = policy(prompts, target_ids, 1)  # (B, T)
+                # mean over each answer's tokens, then over all prompts of the global batch
+                loss = -((logprobs * target_mask).sum(1) / target_mask.sum(1)).sum()
                 (loss / (B * A)).backward()
             loss_sum += loss.detach()
             tokens += int(target_mask.sum())

@@ -2,6 +2,8 @@
 bf16 math) really updates the model at the paper's learning rate, where bf16 weights would not."""
 import json
 
+import pytest
+
 import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,11 +48,11 @@ def one_update(model, processor, precision: str, lr: float = 1e-6, prompts_count
     run = R.Run(0, 1, torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     policy, optimizer = R.prepare_training(training_args(lr=lr), run, model)
-    with R.compute_context(precision, run.device):
+    with R.compute_context(model, precision):
         logprobs = policy(prompts, ids, len(TEXTS))
         loss, _ = T.grpo_loss(logprobs, logprobs.detach(), None, advantages, mask, beta=0.0,
                               epsilon=0.2, loss_norm="sequence", normaliser=len(ids))
-    loss.backward()
+        loss.backward()
     R.optimizer_step(model, optimizer, lr, max_grad_norm=1.0)
     return before
 
@@ -116,7 +118,7 @@ def test_a_bf16_rollout_casts_each_weight_once_not_once_per_decode_step():
     model.requires_grad_(True)  # a policy being trained
     prompts = M.build_prompts(processor, [make_image(1), make_image(2)], ["red", "a blue square"])
     matrices = [p for p in model.parameters() if p.dim() == 2]
-    with CountWeightCasts(matrices) as counter, R.compute_context("bf16", torch.device("cpu")):
+    with CountWeightCasts(matrices) as counter, R.compute_context(model, "bf16"):
         rollout = M.sample_groups(model, never_ending(processor), prompts, 3, 12, 1.0, seeds=[1, 2])
     assert rollout.completion_ids.shape == (6, 12)  # 12 decode steps
     assert counter.casts and max(counter.casts.values()) == 1, max(counter.casts.values())
@@ -138,6 +140,40 @@ def test_checkpoint_is_bf16_for_the_hub_and_fp32_for_resume(tmp_path):
     from transformers import AutoModelForImageTextToText
     loaded = AutoModelForImageTextToText.from_pretrained(str(checkpoint))
     assert loaded.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision, processes, fsdp", [
+    ("fp32", 1, False), ("bf16", 1, False), ("bf16", 2, False), ("bf16", 2, True)])
+def test_at_step_1_the_policy_is_its_reference(precision, processes, fsdp, tmp_path):
+    """The untrained tiny model never names a class: every reward is 0, every advantage 0, so
+    the only gradient is the KL term's, which is 0 exactly when the policy computes what its
+    reference computes. Under bf16 both must be the same bf16 computation on the same weights:
+    KL exactly 0 and a gradient exactly 0, in one process, under DDP and under FSDP."""
+    args = FAST + ["--method", "no-think", "--max-steps", "1", "--batch-size", "2", "--grad-accum",
+                   str(3 - processes), "--num-generations", "2", "--max-new-tokens", "4",
+                   "--lr", "1e-6", "--precision", precision, "--output-dir", "run"]
+    run_script(ROOT / "train_grpo.py", args + ["--fsdp"] * fsdp, tmp_path,
+               nproc=processes)
+    (record,) = metrics(tmp_path / "run")
+    assert record["zero_spread_share"] == 1 and record["reward"] == 0  # all advantages 0
+    assert record["kl"] == 0 and record["grad_norm"] == 0, record
+
+
+def test_activation_checkpointing_recomputes_the_same_bf16_forward(fresh_tiny):
+    """Checkpointing recomputes each layer's forward during backward, so backward runs inside
+    run.compute_context: the recomputation must see the bf16 weights the forward saw."""
+    model, processor = fresh_tiny
+    prompts, ids, mask, advantages = fixed_batch(processor)
+    grads = []
+    for checkpointing in (False, True):
+        model.train().zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with R.compute_context(model, "bf16"):
+            logprobs = M.completion_logprobs(model, prompts, ids, len(TEXTS))
+            (-(logprobs * mask).sum(1) @ advantages).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
 
 
 BF16_RUN = FAST + ["--method", "no-think", "--batch-size", "2", "--num-generations", "4",
