@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -531,3 +532,92 @@ class GroupScorer(torch.nn.Module):
     def forward(self, prompts: PromptBatch, completion_ids: torch.Tensor, group_size: int):
         # not a view (FSDP warns of in-place ops on a view: they would skip its backward hook)
         return completion_logprobs(self.model, prompts, completion_ids, group_size).clone()
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# The language model's attention and MLP projections (Qwen2-VL and Qwen2.5-VL name them so).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: W x + (alpha / r) B A x (Hu et al.,
+    2021). A (r, in) starts small and random, B (out, r) at zero, so the model starts exactly as
+    the base model; `enabled = False` (adapters_off) is the base model itself."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_A = torch.nn.Parameter(torch.zeros(rank, base.in_features, device=base.weight.device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x):
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        return out + (x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T * self.scale
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator):
+        """A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's own init), B = 0: the update starts at 0."""
+        bound = self.base.in_features ** -0.5
+        self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
+        self.lora_B.zero_()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A, added in fp32, in W's dtype."""
+        update = self.lora_B.float() @ self.lora_A.float() * self.scale
+        return (self.base.weight.float() + update).to(self.base.weight.dtype)
+
+
+def add_adapters(model, rank: int, alpha: float, seed: int) -> None:
+    """Freeze every weight of `model` and wrap each language-model projection in a LoRALinear
+    with fp32 adapters, drawn from `seed` (the same on every rank). The vision tower, the
+    embeddings, the norms and the output layer stay frozen."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for name, module in list(model.model.language_model.named_modules()):
+        for target in LORA_TARGETS:
+            if isinstance(getattr(module, target, None), torch.nn.Linear):
+                adapter = LoRALinear(getattr(module, target), rank, alpha)
+                adapter.reset(generator)
+                setattr(module, target, adapter)
+
+
+def adapters(model) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def adapters_off(model):
+    """The base model: under LoRA, the KL reference is the policy with its adapters switched off."""
+    for adapter in adapters(model):
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters(model):
+            adapter.enabled = True
+
+
+def merge_adapters(model, seed: int) -> None:
+    """Fold every adapter into its frozen weight (W <- W + (alpha / r) B A) and start it afresh,
+    in place (the optimizer and DDP keep the same parameters): "adapters off" is then the model
+    trained so far (a warm start's result, GRPO's KL reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    for adapter in adapters(model):
+        adapter.base.weight.data.copy_(adapter.merged_weight())
+        adapter.reset(generator)
+
+
+def merged_state_dict(model) -> dict:
+    """The model's weights under Hugging Face's names, each adapter merged into its weight: what
+    a checkpoint's model folder holds, for from_pretrained and evaluate.py unchanged."""
+    state = {name: value for name, value in model.state_dict().items() if ".lora_" not in name}
+    for name, adapter in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
+        state.pop(f"{name}.base.weight")
+        state[f"{name}.weight"] = adapter.merged_weight()
+        if adapter.base.bias is not None:
+            state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
+    return state

@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DATASETS, PROMPT_SUFFIX, load_data, write_atomic
-from model import GroupScorer, load_model, save_pretrained
+from model import GroupScorer, adapters, add_adapters, load_model, merged_state_dict, save_pretrained
 
 # Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "eval_every",
@@ -251,8 +251,10 @@ def prepare_training(args, run: Run, model):
 
 
 def new_optimizer(model, run: Run, lr: float, weight_decay: float):
-    """AdamW over the model's parameters (under FSDP, this rank's fp32 shards of them)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    """AdamW over the trainable parameters (under FSDP, this rank's fp32 shards of them; under
+    LoRA the adapters only: frozen weights get no gradient and no AdamW state)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=weight_decay, fused=run.device.type == "cuda")
 
 
@@ -344,9 +346,9 @@ def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> tuple[f
 
 def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dict, precision: str):
     """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
-    --precision bf16, as the hub ships Qwen2-VL), trainer_state.pt (`state`, the optimizer, and
-    under bf16 the fp32 master weights, so a resume never re-rounds them) and one RNG file per
-    rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
+    --precision bf16, as the hub ships Qwen2-VL; LoRA adapters merged in), trainer_state.pt
+    (`state`, the optimizer, and under bf16 or LoRA the trainable weights in fp32, so a resume
+    never re-rounds them: the masters, or the adapters) and one RNG file per rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
     the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
     every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
     and renamed: a crash mid-save never leaves a half checkpoint."""
@@ -364,9 +366,10 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
                 state = {**state, "sharded_optimizer": bool(optimizer.state)}
             else:
                 state = {**state, "optimizer": optimizer.state_dict()}
+            if (precision == "bf16" or adapters(model)) and not fsdp:
+                state = {**state, "master_weights": {
+                    name: p.detach() for name, p in model.named_parameters() if p.requires_grad}}
             if precision == "bf16":
-                if not fsdp:
-                    state = {**state, "master_weights": weights}
                 weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -398,8 +401,12 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
         else:
             set_model_state_dict(model, shards["model"])
     else:
-        if "master_weights" in state:
-            model.load_state_dict(state.pop("master_weights"))
+        if "master_weights" in state:  # every trainable weight (the rest came with the model)
+            missing, unexpected = model.load_state_dict(state.pop("master_weights"), strict=False)
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            if unexpected or trainable & set(missing):
+                raise ValueError(f"{path}: its trainer_state.pt holds other weights than this model "
+                                 f"trains (--lora-rank?): {sorted(unexpected or trainable & set(missing))[:3]}")
         optimizer.load_state_dict(state.pop("optimizer"))
     rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
     if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
@@ -417,10 +424,11 @@ def saved_state(folder: str) -> dict:
 
 
 def full_state_dict(model) -> dict:
-    """The model's complete state dict. Under FSDP every rank must call this (each weight is
-    gathered in turn) and only rank 0 gets it, on the CPU; the others get {}."""
+    """The model's complete state dict under Hugging Face's names (LoRA adapters merged in).
+    Under FSDP every rank must call this (each weight is gathered in turn) and only rank 0 gets
+    it, on the CPU; the others get {}."""
     if not sharded(model):
-        return model.state_dict()
+        return merged_state_dict(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # a tied weight (the output layer's is the embedding's) comes back as two copies: make them
     # one tensor again, as in model.state_dict(), so that it is saved once
@@ -491,6 +499,9 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
     a("--eval-batch-size", type=int, default=32, help="prompts per greedy decoding batch in evaluation")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     a("--fsdp", action="store_true", help="FSDP2: shard weights, gradients, AdamW state (for 7B)")
+    a("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on the language model's "
+      "projections, all else frozen (0: full fine-tuning, the paper's)")
+    a("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default: 2 x rank)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
     return parser
@@ -499,14 +510,21 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
 def start_run(args, script: str):
     """Everything before training: check the flags, join the job, check the output folder and
     what --resume continues, write args.json and catch stop signals; then load the data and the
-    model (from the checkpoint when resuming; fp32, the master weights). Returns (run,
-    checkpoint to resume from or None, training data, test data, model, processor)."""
+    model: from the checkpoint when resuming, in fp32 (the master weights); under --lora-rank
+    the base model the run started from (start_weights), frozen in the compute dtype, with fp32
+    adapters (a resume restores them from the checkpoint). Returns (run, checkpoint to resume
+    from or None, training data, test data, model, processor)."""
     check_flags(args, above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0), at_least=dict(
         batch_size=1, grad_accum=1, image_size=1, shots=1, max_steps=1, max_new_tokens=1, save_every=0,
-        keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0))
+        keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0, lora_rank=0),
+        at_most=dict(lora_rank=4096))
     if args.fsdp and "RANK" not in os.environ:
         raise SystemExit("--fsdp: shards over the processes of a torchrun job; launch with torchrun "
                          "(--nproc_per_node 1 works too)")
+    if args.fsdp and args.lora_rank:
+        raise SystemExit("--fsdp with --lora-rank: not supported; LoRA needs no sharding (a frozen "
+                         "bf16 base is 2 bytes per parameter: 7B fits one 80 GB GPU), drop --fsdp")
+    args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     run = join_job(args.device, args.dist_timeout)
     args.precision = args.precision or ("bf16" if run.device.type == "cuda" else "fp32")
     with one_line_errors(script):
@@ -519,8 +537,22 @@ def start_run(args, script: str):
     catch_stop_signals()
     with one_line_errors(script):
         train_data, test_data = load_train_test(args)
-        model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+        if not args.lora_rank:
+            model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+    if args.lora_rank:
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        with one_line_errors(script):
+            model, processor = load_model(start_weights(args, checkpoint), run.device, dtype=dtype)
+        add_adapters(model, args.lora_rank, args.lora_alpha, args.seed)
     return run, checkpoint, train_data, test_data, model, processor
+
+
+def start_weights(args, checkpoint: str | None) -> str:
+    """The model a run's training started from: --model, or for a GRPO run resumed after its
+    warm start, the warm-started model saved beside its checkpoints (<run>/warm_start)."""
+    if checkpoint and getattr(args, "warm_start_steps", 0) and not saved_state(checkpoint)["warm_start"]:
+        return os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "warm_start")
+    return args.model
 
 
 def prepare_output_dir(args, run: Run):

@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 from rewards import reward_components, thinks, total_reward
 from data import load_step_examples
-from model import (GroupScorer, PromptBatch, build_prompts, load_model, sample_groups,
-                   save_pretrained, slice_prompts)
+from model import (GroupScorer, PromptBatch, adapters_off, build_prompts, load_model, merge_adapters,
+                   sample_groups, save_pretrained, slice_prompts)
 from run import (Run, all_reduce, append_jsonl, barrier, check_flags, checkpoint_dirs,
                  compute_context, due, finish, full_state_dict, full_weights, load_checkpoint,
                  new_optimizer, one_line_errors, optimizer_step, peak_memory_gb, prepare_training,
@@ -277,6 +277,8 @@ def warm_start(args, run: Run, model, processor, policy, train_data, test_data, 
     optimizer = new_optimizer(model, run, args.warm_start_lr, args.weight_decay)
     start = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0
     fit(args, run, model, processor, train_data, policy, optimizer, start, warm_start=True)
+    if args.lora_rank:  # the trained adapters become part of the base: GRPO's reference
+        merge_adapters(model, args.seed + 1)
     weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
     if run.is_main:
         save_pretrained(model, processor, os.path.join(args.output_dir, "warm_start"), weights)
@@ -296,6 +298,13 @@ def load_reference(args, run: Run, model, checkpoint: str | None):
     that when sharded, for one all-gather of it per micro-step: the room 7B on 80 GB GPUs needs."""
     if not args.beta:
         return None
+    scorer = GroupScorer(model)
+    if args.lora_rank:  # the policy with its adapters off: the base it started from, for free
+
+        def base_logprobs(prompts, completion_ids, group_size):
+            with adapters_off(model):
+                return scorer(prompts, completion_ids, group_size)
+        return base_logprobs
     run_dir = os.path.dirname(checkpoint) if checkpoint else args.output_dir
     source = os.path.join(run_dir, "warm_start") if args.warm_start_steps else args.model
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -303,7 +312,7 @@ def load_reference(args, run: Run, model, checkpoint: str | None):
         reference = load_model(source, run.device, dtype=dtype)[0].requires_grad_(False)
     if args.fsdp:
         return shard(reference, run, args.precision, frozen=True)
-    weights, scorer = dict(reference.named_parameters(remove_duplicate=False)), GroupScorer(model)
+    weights = dict(reference.named_parameters(remove_duplicate=False))
 
     def reference_logprobs(prompts, completion_ids, group_size):
         with swapped_weights(model, weights):

@@ -142,18 +142,19 @@ def test_checkpoint_is_bf16_for_the_hub_and_fp32_for_resume(tmp_path):
     assert loaded.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision, processes, fsdp", [
-    ("fp32", 1, False), ("bf16", 1, False), ("bf16", 2, False), ("bf16", 2, True)])
-def test_at_step_1_the_policy_is_its_reference(precision, processes, fsdp, tmp_path):
+@pytest.mark.parametrize("precision, processes, wrap", [
+    ("fp32", 1, []), ("bf16", 1, []), ("bf16", 2, []), ("bf16", 2, ["--fsdp"]),
+    ("bf16", 2, ["--lora-rank", "4"])])
+def test_at_step_1_the_policy_is_its_reference(precision, processes, wrap, tmp_path):
     """The untrained tiny model never names a class: every reward is 0, every advantage 0, so
     the only gradient is the KL term's, which is 0 exactly when the policy computes what its
     reference computes. Under bf16 both must be the same bf16 computation on the same weights:
-    KL exactly 0 and a gradient exactly 0, in one process, under DDP and under FSDP."""
+    KL exactly 0 and a gradient exactly 0, in one process, under DDP, under FSDP, and with LoRA
+    (the reference: the policy with its adapters off)."""
     args = FAST + ["--method", "no-think", "--max-steps", "1", "--batch-size", "2", "--grad-accum",
                    str(3 - processes), "--num-generations", "2", "--max-new-tokens", "4",
                    "--lr", "1e-6", "--precision", precision, "--output-dir", "run"]
-    run_script(ROOT / "train_grpo.py", args + ["--fsdp"] * fsdp, tmp_path,
-               nproc=processes)
+    run_script(ROOT / "train_grpo.py", args + wrap, tmp_path, nproc=processes)
     (record,) = metrics(tmp_path / "run")
     assert record["zero_spread_share"] == 1 and record["reward"] == 0  # all advantages 0
     assert record["kl"] == 0 and record["grad_norm"] == 0, record
