@@ -154,8 +154,11 @@ def _read_split_file(root: str, dataset: str, split: str):
         raise ValueError(f"{split_path} has no {split!r} list; {expected}")
     names = {}
     for part in ("train", "val", "test"):  # every part, so a class absent from one still gets its name
+        if not isinstance(content.get(part, []), list):
+            raise ValueError(f"{split_path}: {part!r} is {content[part]!r}, not a list; {expected}")
         for entry in content.get(part, []):
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)
+                    and isinstance(entry[0], str) and isinstance(entry[2], str)):
                 raise ValueError(f"{split_path}: bad {part} item {entry!r}; {expected}")
             if names.setdefault(entry[1], entry[2]) != entry[2]:
                 raise ValueError(f"{split_path}: label {entry[1]} is called both "
@@ -177,9 +180,15 @@ def _read_imagenet(root: str, split: str):
     train_dir = os.path.join(dataset_dir, "images", "train")
     split_folder = "train" if split == "train" else "val"  # CoOp tests on the val set
     _require("imagenet", root, names_path, train_dir, os.path.join(dataset_dir, "images", split_folder))
+    name_of = {}
     with open(names_path) as f:
-        entries = [line.strip().partition(" ") for line in f]
-    name_of = {wnid: name.strip() for wnid, _, name in entries if wnid}
+        for line_number, line in enumerate(f, 1):
+            parts = line.split(maxsplit=1)  # "<wnid> <name>"; names hold spaces
+            if len(parts) == 1:  # else a class '' would be listed, and an empty answer judged right
+                raise ValueError(f"{names_path} line {line_number}: {parts[0]!r} has no class name; "
+                                 "expected '<wnid> <class name>'")
+            if parts:
+                name_of[parts[0]] = parts[1].strip()
     # Labels follow the sorted train folders, as in CoOp, whatever order the names file has.
     wnids = _subfolders(train_dir)
     if not wnids:
@@ -284,12 +293,13 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
 
     reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft}.get(dataset)
     dataset_dir, names, items = reader(root, split) if reader else _read_split_file(root, dataset, split)
-    if split == "train" and shots is not None:
-        items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
-
     names = [name.replace("_", " ") for name in names]
     half = math.ceil(len(names) / 2)
     first, end = {"fewshot": (0, len(names)), "base": (0, half), "new": (half, len(names))}[setting]
+    if not any(first <= label < end for _, label in items):  # not a division by zero in training
+        raise ValueError(f"the {dataset} {setting} {split} split has no examples; {_layout(dataset, root)}")
+    if split == "train" and shots is not None:
+        items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
     examples = [Example(os.path.join(dataset_dir, path), label - first, names[label])
                 for path, label in items if first <= label < end]
     # One report of every missing file now beats a crash per file in the middle of training.

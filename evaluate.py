@@ -314,11 +314,8 @@ def load_test_sets(args) -> dict[str, ClassificationData]:
                          f"commas from: {', '.join(DATASETS)}, demo")
     test_sets = {}
     for name in names:
-        with one_line_errors(f"evaluate.py: --dataset {name}"):
+        with one_line_errors(f"evaluate.py: --dataset {name}"):  # an empty split too
             test_sets[name] = load_data(name, args.data_root, args.setting, "test")
-        if not test_sets[name].examples:
-            raise SystemExit(f"evaluate.py: --dataset {name}: the {args.setting} test split has no "
-                             "examples; nothing to evaluate")
     return test_sets
 
 

@@ -404,6 +404,42 @@ def test_bad_contents(tmp_path):
         data.load_data("ucf101", str(tmp_path))
 
 
+def test_malformed_split_files_and_classnames_are_named_before_any_model_loads(tmp_path, monkeypatch):
+    build_tree(tmp_path, "ucf101")
+    split_path = tmp_path / "ucf101" / "split_zhou_UCF101.json"
+    good = json.loads(split_path.read_text())
+    for content, problem in [
+            (dict(good, train=None), "'train' is None, not a list"),
+            (dict(good, val={"a.jpg": 0}), "'val' is {'a.jpg': 0}, not a list"),
+            (dict(good, train=[[7, 0, "Abyssinian"]]), "bad train item [7, 0, 'Abyssinian']"),
+            (dict(good, test=[["a.jpg", 0, None]]), "bad test item ['a.jpg', 0, None]")]:
+        split_path.write_text(json.dumps(content))
+        with pytest.raises(ValueError) as caught:
+            data.load_data("ucf101", str(tmp_path))
+        message = str(caught.value)
+        assert message.startswith(f"{split_path}: {problem}; expected " + '{"train": [[image_path'), message
+    # an empty training list: one line from the training script, before the model loads
+    import run
+    import train_sft
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    split_path.write_text(json.dumps(dict(good, train=[])))
+    with pytest.raises(SystemExit) as caught:
+        train_sft.main(["--dataset", "ucf101", "--data-root", str(tmp_path), "--device", "cpu",
+                        "--output-dir", str(tmp_path / "run")])
+    assert str(caught.value.code) == (f"train_sft.py: error: the ucf101 fewshot train split has no "
+                                      f"examples; {data._layout('ucf101', str(tmp_path))}")
+    assert not (tmp_path / "run/fewshot.json").exists()  # no empty choice kept for the next run
+    # an id without a name would list a class '' (and an empty answer would be judged right)
+    build_tree(tmp_path, "imagenet")
+    for folder in ("train", "val"):
+        _image(tmp_path / "imagenet/images" / folder / "n06/x.JPEG")
+    with open(tmp_path / "imagenet/classnames.txt", "a") as f:
+        f.write("n06\n")
+    with pytest.raises(ValueError, match=rf"classnames.txt line 6: 'n06' has no class name; "
+                                         r"expected '<wnid> <class name>'"):
+        data.load_data("imagenet", str(tmp_path))
+
+
 # ---- the command line ---------------------------------------------------------------------
 
 def test_cli_dump_on_the_demo(tmp_path):
