@@ -353,9 +353,13 @@ def make_question(data: ClassificationData, index: int, method: str, seed: int, 
 
 
 def load_image(path: str, size: int) -> Image.Image:
-    """RGB image resized to (size, size) with LANCZOS, as the authors fed Qwen2-VL."""
+    """RGB image resized to (size, size) with LANCZOS, as the authors fed Qwen2-VL. 16-bit grey
+    (a PNG opens as mode I;16 or I) is scaled to 8 bits: converted as it is, every value above
+    255 would clip to white."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):
+                image = image.convert("I").point(lambda value: value / 257)  # 65535 -> 255
             image = image.convert("RGB")  # decodes now, so a truncated file fails here
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from err

@@ -287,6 +287,19 @@ def test_load_image_size_mode_and_errors(tmp_path):
         data.load_image(str(tmp_path / "missing.png"), 32)
 
 
+def test_16_bit_grey_png_loads_as_its_8_bit_picture(tmp_path):
+    """A 16-bit PNG opens as mode I;16; converted as it is, every value above 255 clips to white."""
+    import numpy as np
+    ramp = np.tile(np.arange(256, dtype=np.uint16), (40, 1))  # (40, 256) dark to light
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(ramp * 257).save(tmp_path / "16.png")  # the same levels on 0..65535
+    with Image.open(tmp_path / "16.png") as image:
+        assert image.mode == "I;16"
+    eight, sixteen = (np.asarray(data.load_image(str(tmp_path / name), 64)) for name in ("8.png", "16.png"))
+    assert eight.mean() == pytest.approx(127.5, abs=1)
+    assert np.array_equal(sixteen, eight)
+
+
 # ---- the demo set -------------------------------------------------------------------------
 
 def test_demo_is_reproducible_byte_for_byte_and_loads(tmp_path):
