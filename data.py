@@ -31,6 +31,7 @@ Where this departs from the paper's code, and why:
   example, epoch) instead of a process-global one, so every rank and every rerun agrees.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -302,6 +303,11 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
         items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
     examples = [Example(os.path.join(dataset_dir, path), label - first, names[label])
                 for path, label in items if first <= label < end]
+    # the question lists candidates as "[ a, b, c]": a name holding ", " or brackets reads as several
+    ambiguous = [name for name in names[first:end] if any(c in name for c in ",[]")]
+    if ambiguous:
+        warn_once(f"warning: {dataset} class names with commas or brackets make the candidate list "
+                  f"ambiguous to read (scoring is unchanged): {ambiguous}")
     # One report of every missing file now beats a crash per file in the middle of training.
     missing = [e.image for e in examples if not os.path.isfile(e.image)]
     if missing:
@@ -434,6 +440,12 @@ def write_atomic(path: str, text: str) -> None:
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise OSError(f"could not write {path}: {err}") from err
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """`message` on stderr, the first time only (the train and test splits share class names)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def read_json(path: str, hint: str = ""):

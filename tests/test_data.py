@@ -453,6 +453,24 @@ def test_malformed_split_files_and_classnames_are_named_before_any_model_loads(t
         data.load_data("imagenet", str(tmp_path))
 
 
+def test_class_names_with_commas_or_brackets_are_named_once(tmp_path, capsys):
+    build_tree(tmp_path, "eurosat")
+    split_path = tmp_path / "eurosat" / "split_zhou_EuroSAT.json"
+    renamed = {"Abyssinian": "Annual_Crop,_Land", "Bengal": "Forest_[dense]"}
+    split = {part: [[path, label, renamed.get(name, name)] for path, label, name in entries]
+             for part, entries in json.loads(split_path.read_text()).items()}
+    split_path.write_text(json.dumps(split))
+    train = data.load_data("eurosat", str(tmp_path), shots=2)
+    test = data.load_data("eurosat", str(tmp_path), split="test")
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == ["warning: eurosat class names with commas or brackets make the candidate list "
+                        "ambiguous to read (scoring is unchanged): ['Annual Crop, Land', 'Forest [dense]']"]
+    # listed as they are: the question holds them, the truth among them
+    question, candidates = data.make_question(test, 0, "no-think", seed=1)
+    assert test.examples[0].classname in candidates and "Annual Crop, Land" in candidates
+    assert "Forest [dense]" in question and train.classnames == test.classnames
+
+
 # ---- the command line ---------------------------------------------------------------------
 
 def test_cli_dump_on_the_demo(tmp_path):
