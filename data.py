@@ -427,18 +427,23 @@ def load_step_examples(data: ClassificationData, step: int, *, seed: int, method
 
 # ----------------------------------------------------------------------------- files
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, content: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a reader (another rank, a resumed
-    run) never sees half a file. A failed write (a full disk) names the file it was writing."""
+    run) never sees half a file. Every output file of this project is written here, so this is
+    where its folder is made; a failed write (a full disk, a folder that cannot be made) names
+    the file it was writing."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+    # one name per process (ranks write side by side); open(), unlike mkstemp, keeps the umask's
+    # permissions, so others may read the results
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.makedirs(parent, exist_ok=True)
+        with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
         os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        if os.path.isfile(tmp):
+            os.remove(tmp)
         raise OSError(f"could not write {path}: {err}") from err
 
 
@@ -574,7 +579,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"index": index, "image": example.image, "label": example.classname,
                      "label_index": example.label, "candidates": candidates, "question": question})
     if args.dump:
-        write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
+        try:
+            write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
+        except OSError as err:
+            parser.exit(2, f"data.py: error: {err}\n")
     listed = 0 if args.open_set else num_candidates(len(data.classnames), data.setting)
     print(f"{data.dataset} {data.setting}/{data.split}: {len(data.classnames)} classes, "
           f"{len(data.examples)} examples, {listed} candidates per question"

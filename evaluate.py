@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import os
 import sys
@@ -609,7 +610,9 @@ def save_figure(path: str, figsize: tuple[float, float], draw) -> str | None:
         return None
     fig = Figure(layout="tight", figsize=figsize)
     draw(fig)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    picture = io.BytesIO()  # written by write_atomic, which makes the folder
+    fig.savefig(picture, format=os.path.splitext(path)[1][1:] or "png", dpi=150, bbox_inches="tight")
+    write_atomic(path, picture.getvalue())
     print(f"wrote {path}")
     return path
 
@@ -675,7 +678,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"table": table_main, "base2new": base2new_main, "matrix": matrix_main, "plot": plot_main}
     if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
+        with one_line_errors(f"evaluate.py {argv[0]}"):  # an output that cannot be written, say
+            return commands[argv[0]](argv[1:])
     return run_evaluation(argv)
 
 

@@ -397,3 +397,64 @@ def test_plot_is_skipped_cleanly_without_matplotlib(tmp_path, monkeypatch, capsy
     assert list(tmp_path.rglob("*.png")) == []
     message = exit_message(["plot", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl not found" in message
+
+
+# ---- pictures -------------------------------------------------------------------------------
+
+class FakeAxes:
+    def __init__(self):
+        self.lines, self.settings = [], {}
+
+    def plot(self, xs, ys, label=None):
+        self.lines.append((list(xs), list(ys)))
+
+    def set(self, **settings):
+        self.settings.update(settings)
+
+    def legend(self, **kwargs):
+        pass
+
+
+class FakeFigure:
+    """matplotlib.figure.Figure as `plot` uses it (matplotlib is optional, and absent in CI):
+    it records what each panel is given; savefig writes where it is told, as the real one."""
+    made = []
+
+    def __init__(self, **kwargs):
+        self.panels = []
+        FakeFigure.made.append(self)
+
+    def subplots(self, rows, columns, squeeze):
+        self.panels = [FakeAxes() for _ in range(columns)]
+        return [self.panels]
+
+    def savefig(self, file, **kwargs):
+        if isinstance(file, str):
+            with open(file, "wb") as f:
+                f.write(b"picture")
+        else:
+            file.write(b"picture")
+
+
+@pytest.fixture
+def fake_matplotlib(monkeypatch):
+    import types
+    figure = types.ModuleType("matplotlib.figure")
+    figure.Figure = FakeFigure
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", figure)
+    FakeFigure.made.clear()
+    return FakeFigure.made
+
+
+def test_plot_output_into_a_missing_folder(tmp_path, fake_matplotlib):
+    metrics = tmp_path / "run/metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in (1, 2)))
+    output = tmp_path / "plots/new/curves.png"
+    assert E.main(["plot", str(metrics), "--output", str(output)]) == str(output)
+    assert output.read_bytes() == b"picture"
+    (tmp_path / "a_file").write_text("")
+    message = exit_message(["plot", str(metrics), "--output", str(tmp_path / "a_file/curves.png")])
+    assert message.startswith("evaluate.py plot: error: could not write") and "a_file" in message
+    assert "\n" not in message
