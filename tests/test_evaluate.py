@@ -458,3 +458,42 @@ def test_plot_output_into_a_missing_folder(tmp_path, fake_matplotlib):
     message = exit_message(["plot", str(metrics), "--output", str(tmp_path / "a_file/curves.png")])
     assert message.startswith("evaluate.py plot: error: could not write") and "a_file" in message
     assert "\n" not in message
+
+
+# ---- a checkpoint evaluated as it was trained -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_at_112(tmp_path_factory):
+    """A demo-sized SFT run at 112 px with seed 7 (neither is evaluate.py's documented default),
+    its held-out accuracy logged before training and at its last step."""
+    import train_sft
+    out = tmp_path_factory.mktemp("sft112") / "run"
+    train_sft.main(["--model", "tiny", "--dataset", "demo", "--image-size", "112", "--seed", "7",
+                    "--shots", "4", "--device", "cpu", "--lr", "3e-3", "--lr-schedule", "constant",
+                    "--max-steps", "20", "--batch-size", "4", "--grad-accum", "1", "--eval-every", "20",
+                    "--eval-limit", "20", "--max-new-tokens", "8", "--output-dir", str(out)])
+    return out
+
+
+def test_a_checkpoint_is_evaluated_on_the_inputs_it_was_trained_on(trained_at_112, tmp_path, capsys):
+    budget = ["--dataset", "demo", "--limit", "20", "--max-new-tokens", "8", "--device", "cpu"]
+    E.main(["--model", str(trained_at_112 / "final"), *budget, "--output-dir", str(tmp_path / "own")])
+    assert "image size 112, seed 7, from the checkpoint's training flags" in capsys.readouterr().out
+    summary = read_json(tmp_path / "own/summary.json")
+    assert (summary["args"]["image_size"], summary["args"]["seed"]) == (112, 7)
+    # the number the training run logged for its last step, from the same 20 images
+    trained = [r for r in read_jsonl(trained_at_112 / "metrics.jsonl") if "test_accuracy" in r][-1]
+    assert trained["step"] == 20 and trained["test_accuracy"] > 0.2
+    assert summary["datasets"]["demo"]["accuracy_paper"] / 100 == pytest.approx(trained["test_accuracy"],
+                                                                                abs=1e-9)
+    # other inputs are allowed when asked for, with a note each
+    E.main(["--model", str(trained_at_112 / "final"), *budget, "--image-size", "56",
+            "--output-dir", str(tmp_path / "other")])
+    out = capsys.readouterr().out
+    assert "note: --image-size 56, but" in out and "was trained with --image-size 112" in out
+    assert "seed 7, from the checkpoint's training flags" in out
+    assert read_json(tmp_path / "other/summary.json")["args"]["image_size"] == 56
+    # a model that is not one of our checkpoints: the documented defaults, nothing to say
+    args = E.parse_eval_args(["--model", "tiny"])
+    assert (args.image_size, args.seed) == (None, None)  # "not given" stays visible
+    assert E.choose_inputs(args, {}) == [] and (args.image_size, args.seed) == (384, 100)
