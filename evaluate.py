@@ -695,7 +695,7 @@ def plot_main(argv) -> str | None:
                 points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     ax.plot(*zip(*points), label=label)
-            ax.set(title=title, xlabel="step")
+            ax.set(title=title, xlabel="step", xlim=(0, None))  # step 0: before training
             if len(runs) > 1:
                 ax.legend(fontsize=8)
     return save_figure(output, (4 * len(panels), 3.2), draw)

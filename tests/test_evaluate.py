@@ -497,3 +497,19 @@ def test_a_checkpoint_is_evaluated_on_the_inputs_it_was_trained_on(trained_at_11
     args = E.parse_eval_args(["--model", "tiny"])
     assert (args.image_size, args.seed) == (None, None)  # "not given" stays visible
     assert E.choose_inputs(args, {}) == [] and (args.image_size, args.seed) == (384, 100)
+
+
+def test_the_accuracy_before_training_is_step_0_of_the_log_and_the_plot(trained_at_112, tmp_path,
+                                                                        fake_matplotlib):
+    records = read_jsonl(trained_at_112 / "metrics.jsonl")
+    assert [(r["step"], list(r)) for r in records[:1]] == [(0, ["step", "test_accuracy"])]
+    assert [r["step"] for r in records[1:]] == list(range(1, 21))
+    test = D.load_data("demo", None, "fewshot", "test")
+    untrained = E.accuracy(*M.load_model("tiny"), test, "no-think", batch_size=32, max_new_tokens=8,
+                           image_size=112, seed=7, limit=20)
+    assert records[0]["test_accuracy"] == untrained
+    E.main(["plot", str(trained_at_112 / "metrics.jsonl"), "--output", str(tmp_path / "curves.png")])
+    panels = dict(zip(["test_accuracy", "loss"], fake_matplotlib[0].panels))
+    assert panels["test_accuracy"].lines == [([0, 20], [untrained, records[-1]["test_accuracy"]])]
+    assert panels["loss"].lines[0][0] == list(range(1, 21))
+    assert all(p.settings["xlim"] == (0, None) for p in panels.values())  # every panel from step 0
