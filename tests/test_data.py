@@ -425,7 +425,7 @@ def test_malformed_split_files_and_classnames_are_named_before_any_model_loads(t
             (dict(good, train=None), "'train' is None, not a list"),
             (dict(good, val={"a.jpg": 0}), "'val' is {'a.jpg': 0}, not a list"),
             (dict(good, train=[[7, 0, "Abyssinian"]]), "bad train item [7, 0, 'Abyssinian']"),
-            (dict(good, test=[["a.jpg", 0, None]]), "bad test item ['a.jpg', 0, None]")]:
+            ({"train": [["a.jpg", 0, 5]], "test": [["a.jpg", 0, 5]]}, "bad train item ['a.jpg', 0, 5]")]:
         split_path.write_text(json.dumps(content))
         with pytest.raises(ValueError) as caught:
             data.load_data("ucf101", str(tmp_path))
