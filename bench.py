@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data import write_atomic
 from model import Processor, PromptBatch, completion_logprobs, pad_prompts, sample_groups, slice_prompts
 from run import compute_context
 from train_grpo import grpo_loss, timer
@@ -379,8 +380,7 @@ def main(argv=None):
     records.append(dict(preset=args.preset, config=f"rollout G={G} T={length}", groups=groups,
                         device=name, rollout_seconds=times))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
+        write_atomic(args.json, json.dumps(records, indent=2))  # makes the folder too
     return records
 
 

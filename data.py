@@ -31,6 +31,7 @@ Where this departs from the paper's code, and why:
   example, epoch) instead of a process-global one, so every rank and every rerun agrees.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -154,8 +155,11 @@ def _read_split_file(root: str, dataset: str, split: str):
         raise ValueError(f"{split_path} has no {split!r} list; {expected}")
     names = {}
     for part in ("train", "val", "test"):  # every part, so a class absent from one still gets its name
+        if not isinstance(content.get(part, []), list):
+            raise ValueError(f"{split_path}: {part!r} is {content[part]!r}, not a list; {expected}")
         for entry in content.get(part, []):
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)
+                    and isinstance(entry[0], str) and isinstance(entry[2], str)):
                 raise ValueError(f"{split_path}: bad {part} item {entry!r}; {expected}")
             if names.setdefault(entry[1], entry[2]) != entry[2]:
                 raise ValueError(f"{split_path}: label {entry[1]} is called both "
@@ -177,9 +181,15 @@ def _read_imagenet(root: str, split: str):
     train_dir = os.path.join(dataset_dir, "images", "train")
     split_folder = "train" if split == "train" else "val"  # CoOp tests on the val set
     _require("imagenet", root, names_path, train_dir, os.path.join(dataset_dir, "images", split_folder))
+    name_of = {}
     with open(names_path) as f:
-        entries = [line.strip().partition(" ") for line in f]
-    name_of = {wnid: name.strip() for wnid, _, name in entries if wnid}
+        for line_number, line in enumerate(f, 1):
+            parts = line.split(maxsplit=1)  # "<wnid> <name>"; names hold spaces
+            if len(parts) == 1:  # else a class '' would be listed, and an empty answer judged right
+                raise ValueError(f"{names_path} line {line_number}: {parts[0]!r} has no class name; "
+                                 "expected '<wnid> <class name>'")
+            if parts:
+                name_of[parts[0]] = parts[1].strip()
     # Labels follow the sorted train folders, as in CoOp, whatever order the names file has.
     wnids = _subfolders(train_dir)
     if not wnids:
@@ -284,14 +294,20 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
 
     reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft}.get(dataset)
     dataset_dir, names, items = reader(root, split) if reader else _read_split_file(root, dataset, split)
-    if split == "train" and shots is not None:
-        items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
-
     names = [name.replace("_", " ") for name in names]
     half = math.ceil(len(names) / 2)
     first, end = {"fewshot": (0, len(names)), "base": (0, half), "new": (half, len(names))}[setting]
+    if not any(first <= label < end for _, label in items):  # not a division by zero in training
+        raise ValueError(f"the {dataset} {setting} {split} split has no examples; {_layout(dataset, root)}")
+    if split == "train" and shots is not None:
+        items = _fewshot_items(items, dataset, shots, seed, fewshot_file)
     examples = [Example(os.path.join(dataset_dir, path), label - first, names[label])
                 for path, label in items if first <= label < end]
+    # the question lists candidates as "[ a, b, c]": a name holding ", " or brackets reads as several
+    ambiguous = [name for name in names[first:end] if any(c in name for c in ",[]")]
+    if ambiguous:
+        warn_once(f"warning: {dataset} class names with commas or brackets make the candidate list "
+                  f"ambiguous to read (scoring is unchanged): {ambiguous}")
     # One report of every missing file now beats a crash per file in the middle of training.
     missing = [e.image for e in examples if not os.path.isfile(e.image)]
     if missing:
@@ -343,9 +359,13 @@ def make_question(data: ClassificationData, index: int, method: str, seed: int, 
 
 
 def load_image(path: str, size: int) -> Image.Image:
-    """RGB image resized to (size, size) with LANCZOS, as the authors fed Qwen2-VL."""
+    """RGB image resized to (size, size) with LANCZOS, as the authors fed Qwen2-VL. 16-bit grey
+    (a PNG opens as mode I;16 or I) is scaled to 8 bits: converted as it is, every value above
+    255 would clip to white."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):
+                image = image.convert("I").point(lambda value: value / 257)  # 65535 -> 255
             image = image.convert("RGB")  # decodes now, so a truncated file fails here
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from err
@@ -407,19 +427,30 @@ def load_step_examples(data: ClassificationData, step: int, *, seed: int, method
 
 # ----------------------------------------------------------------------------- files
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, content: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a reader (another rank, a resumed
-    run) never sees half a file. A failed write (a full disk) names the file it was writing."""
+    run) never sees half a file. Every output file of this project is written here, so this is
+    where its folder is made; a failed write (a full disk, a folder that cannot be made) names
+    the file it was writing."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+    # one name per process (ranks write side by side); open(), unlike mkstemp, keeps the umask's
+    # permissions, so others may read the results
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.makedirs(parent, exist_ok=True)
+        with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
         os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        if os.path.isfile(tmp):
+            os.remove(tmp)
         raise OSError(f"could not write {path}: {err}") from err
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """`message` on stderr, the first time only (the train and test splits share class names)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def read_json(path: str, hint: str = ""):
@@ -548,7 +579,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"index": index, "image": example.image, "label": example.classname,
                      "label_index": example.label, "candidates": candidates, "question": question})
     if args.dump:
-        write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
+        try:
+            write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
+        except OSError as err:
+            parser.exit(2, f"data.py: error: {err}\n")
     listed = 0 if args.open_set else num_candidates(len(data.classnames), data.setting)
     print(f"{data.dataset} {data.setting}/{data.split}: {len(data.classnames)} classes, "
           f"{len(data.examples)} examples, {listed} candidates per question"

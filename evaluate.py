@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import os
 import sys
@@ -42,6 +43,9 @@ PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "thi
            "adaptive": "adaptive"}
 # what a --resume must share with the run it continues, or its records would mix two evaluations
 RESUME_MUST_MATCH = ("model", "setting", "prompt", "open_set", "image_size", "max_new_tokens", "seed")
+# flags that change what the model is shown (the picture, the order of the candidates): by default
+# a checkpoint's training values, else these (the authors')
+INPUT_DEFAULTS = {"image_size": 384, "seed": 100}
 
 
 @torch.no_grad()
@@ -272,7 +276,11 @@ def accumulate_timing(folder: str, seconds: float, images: int, resume: bool) ->
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the description's lines kept as written."""
+    """Defaults in the help (a flag whose default depends on the checkpoint says it in words), and
+    the description's lines kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_eval_args(argv):
@@ -290,8 +298,10 @@ def parse_eval_args(argv):
     a("--limit", type=int, default=None, help="evaluate only the first N test images of each dataset")
     a("--batch-size", type=int, default=32, help="images per greedy decoding batch (authors: 32)")
     a("--max-new-tokens", type=int, default=1024, help="answer length limit (authors: 1024)")
-    a("--image-size", type=int, default=384, help="square LANCZOS resize: the training size")
-    a("--seed", type=int, default=100, help="seed of the candidate lists (as training's)")
+    a("--image-size", type=int, help="square LANCZOS resize (default: the checkpoint's training "
+      "size, else 384)")
+    a("--seed", type=int, help="seed of the candidate lists (default: the checkpoint's training "
+      "seed, else 100)")
     a("--output-dir", default="runs/eval", help="predictions, summary.json and summary.md go here")
     a("--resume", action="store_true", help="keep --output-dir's predictions, predict the rest")
     a("--compare", metavar="SUMMARY", help="a zero-shot run's summary.json: report the change")
@@ -314,11 +324,8 @@ def load_test_sets(args) -> dict[str, ClassificationData]:
                          f"commas from: {', '.join(DATASETS)}, demo")
     test_sets = {}
     for name in names:
-        with one_line_errors(f"evaluate.py: --dataset {name}"):
+        with one_line_errors(f"evaluate.py: --dataset {name}"):  # an empty split too
             test_sets[name] = load_data(name, args.data_root, args.setting, "test")
-        if not test_sets[name].examples:
-            raise SystemExit(f"evaluate.py: --dataset {name}: the {args.setting} test split has no "
-                             "examples; nothing to evaluate")
     return test_sets
 
 
@@ -336,6 +343,23 @@ def choose_prompt(args, trained: dict) -> str:
                          f"{trained_method}; pass --prompt {native}, or --allow-prompt-mismatch to "
                          "evaluate it with this prompt anyway")
     return args.prompt
+
+
+def choose_inputs(args, trained: dict) -> list[str]:
+    """--image-size and --seed not given: the checkpoint's training values (`trained`, its flags),
+    else INPUT_DEFAULTS, so a model is evaluated on inputs like those it was trained on. A value
+    given that differs from training is used. Returns the lines to print about it."""
+    taken, notes = [], []
+    for name, default in INPUT_DEFAULTS.items():
+        flag, value, training = f"--{name.replace('_', '-')}", getattr(args, name), trained.get(name)
+        if value is None and training is not None:
+            setattr(args, name, training)
+            taken.append(f"{name.replace('_', ' ')} {training}")
+        elif value is None:
+            setattr(args, name, default)
+        elif training is not None and value != training:
+            notes.append(f"note: {flag} {value}, but {args.model} was trained with {flag} {training}")
+    return [f"{', '.join(taken)}, from the checkpoint's training flags"] * bool(taken) + notes
 
 
 def check_output_dir(args, names: list[str]):
@@ -433,6 +457,7 @@ def run_evaluation(argv):
     with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
         trained = saved_state(args.model).get("args", {}) if os.path.isdir(args.model) else {}
         args.prompt = choose_prompt(args, trained)
+        input_notes = choose_inputs(args, trained)
         baseline = read_summary(args.compare, "--compare") if args.compare else None
         test_sets = load_test_sets(args)
         check_output_dir(args, list(test_sets))
@@ -441,8 +466,9 @@ def run_evaluation(argv):
             write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
         model, processor = load_model(args.model, run.device)
     method = PROMPTS[args.prompt]
-    print0(run, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) on "
-                  f"{', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)")
+    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} "
+                f"suffix) on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)",
+           sep="\n")
     per_dataset = {}
     for name, data in test_sets.items():
         row = evaluate_dataset(args, run, model, processor, data, method)
@@ -612,7 +638,9 @@ def save_figure(path: str, figsize: tuple[float, float], draw) -> str | None:
         return None
     fig = Figure(layout="tight", figsize=figsize)
     draw(fig)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    picture = io.BytesIO()  # written by write_atomic, which makes the folder
+    fig.savefig(picture, format=os.path.splitext(path)[1][1:] or "png", dpi=150, bbox_inches="tight")
+    write_atomic(path, picture.getvalue())
     print(f"wrote {path}")
     return path
 
@@ -667,7 +695,7 @@ def plot_main(argv) -> str | None:
                 points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     ax.plot(*zip(*points), label=label)
-            ax.set(title=title, xlabel="step")
+            ax.set(title=title, xlabel="step", xlim=(0, None))  # step 0: before training
             if len(runs) > 1:
                 ax.legend(fontsize=8)
     return save_figure(output, (4 * len(panels), 3.2), draw)
@@ -678,7 +706,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"table": table_main, "base2new": base2new_main, "matrix": matrix_main, "plot": plot_main}
     if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
+        with one_line_errors(f"evaluate.py {argv[0]}"):  # an output that cannot be written, say
+            return commands[argv[0]](argv[1:])
     return run_evaluation(argv)
 
 

@@ -140,6 +140,19 @@ def _attn_implementation(device: torch.device):
     return "sdpa"
 
 
+@contextmanager
+def no_transformers_bars():
+    """Without transformers' own progress bars ("Loading weights", "Writing model shards"): a
+    checkpoint saved mid-run would print them between the lines of the training bar. Ours
+    (plain tqdm) and huggingface_hub's download bars are not routed through this hook."""
+    from transformers.utils import logging
+    previous = logging.set_tqdm_hook(lambda factory, args, kwargs: logging.EmptyTqdm(*args, **kwargs))
+    try:
+        yield
+    finally:
+        logging.set_tqdm_hook(previous)
+
+
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Return (model, processor) for `tiny`, a hub id or a local directory.
 
@@ -173,8 +186,9 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
             raise FileNotFoundError(f"--model {name}: no config.json there; expected a Hugging Face "
                                     "model directory (config.json, weights, tokenizer) or a hub id")
         try:
-            model = AutoModelForImageTextToText.from_pretrained(
-                name, dtype=dtype, attn_implementation=_attn_implementation(device)).to(device)
+            with no_transformers_bars():
+                model = AutoModelForImageTextToText.from_pretrained(
+                    name, dtype=dtype, attn_implementation=_attn_implementation(device)).to(device)
             tokenizer = AutoTokenizer.from_pretrained(name)
             try:
                 image_processor = AutoImageProcessor.from_pretrained(name)
@@ -192,7 +206,8 @@ def save_pretrained(model, processor: Processor, path: str, state_dict: dict | N
     """Write a complete Hugging Face directory: weights (`state_dict` when given, in its dtype),
     config, tokenizer + chat template, image processor config. `load_model(path)` and
     transformers' `from_pretrained` both read it."""
-    model.save_pretrained(path, state_dict=state_dict)
+    with no_transformers_bars():
+        model.save_pretrained(path, state_dict=state_dict)
     if state_dict is not None:  # the config names the dtype the weights are stored in
         saved, model.config.dtype = model.config.dtype, next(
             v.dtype for v in state_dict.values() if v.is_floating_point())

@@ -494,7 +494,7 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
     a("--resume", default=None, help="checkpoint directory to continue from, or 'latest' in --output-dir")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    a("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0: never)")
+    a("--eval-every", type=int, default=0, help="held-out accuracy at step 0 and every N steps (0: never)")
     a("--eval-limit", type=int, default=None, help="test images used by --eval-every (default: all)")
     a("--eval-batch-size", type=int, default=32, help="prompts per greedy decoding batch in evaluation")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")

@@ -188,7 +188,12 @@ def main(argv=None):
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if resuming_grpo else 0
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A, G, mu = args.batch_size, args.grad_accum, args.num_generations, args.num_iterations
-    before = held_out_accuracy(args, run, model, processor, test_data, policy) if args.demo else None
+    log = os.path.join(args.output_dir, "metrics.jsonl")
+    before = None  # the accuracy GRPO starts from: step 0 of the held-out curve
+    if (args.demo or args.eval_every) and start_step == 0:
+        before = held_out_accuracy(args, run, model, processor, test_data, policy)
+        if run.is_main:
+            append_jsonl(log, [{"step": 0, "test_accuracy": before}])
     print0(run, f"GRPO ({args.method}) on {args.dataset}: {len(train_data.examples)} training "
                 f"examples, {total} steps of {run.world_size * B * A} prompts x {G} completions, "
                 f"{args.precision} precision")
@@ -252,15 +257,16 @@ def main(argv=None):
             if iteration == mu - 1 and due(args.eval_every, step + 1, total):
                 record["test_accuracy"] = held_out_accuracy(args, run, model, processor, test_data, policy)
             if run.is_main:
-                append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
+                append_jsonl(log, [record])
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", length=f"{record['completion_length']:.1f}")
         save_or_stop(args, run, step + 1, total, model, processor, optimizer)
     bar.close()
     if args.demo:
         after = held_out_accuracy(args, run, model, processor, test_data, policy)
-        print0(run, f"held-out accuracy: {100 * before:.1f}% before GRPO, {100 * after:.1f}% after")
-    print0(run, f"metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
+        print0(run, "held-out accuracy: " + ("" if before is None else f"{100 * before:.1f}% before "
+                    "GRPO, ") + f"{100 * after:.1f}% after")  # before: None on a resume
+    print0(run, f"metrics: {log}")
     finish(args, run, t_start)
 
 
@@ -273,6 +279,8 @@ def warm_start(args, run: Run, model, processor, policy, train_data, test_data, 
     if checkpoint is None and args.demo:
         accuracy = held_out_accuracy(args, run, model, processor, test_data, policy)
         print0(run, f"held-out accuracy of the untrained model: {100 * accuracy:.1f}%")
+        if run.is_main:
+            append_jsonl(os.path.join(args.output_dir, "warm_start.jsonl"), [{"step": 0, "test_accuracy": accuracy}])
     print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
     optimizer = new_optimizer(model, run, args.warm_start_lr, args.weight_decay)
     start = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0

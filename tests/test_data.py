@@ -287,6 +287,19 @@ def test_load_image_size_mode_and_errors(tmp_path):
         data.load_image(str(tmp_path / "missing.png"), 32)
 
 
+def test_16_bit_grey_png_loads_as_its_8_bit_picture(tmp_path):
+    """A 16-bit PNG opens as mode I;16; converted as it is, every value above 255 clips to white."""
+    import numpy as np
+    ramp = np.tile(np.arange(256, dtype=np.uint16), (40, 1))  # (40, 256) dark to light
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(ramp * 257).save(tmp_path / "16.png")  # the same levels on 0..65535
+    with Image.open(tmp_path / "16.png") as image:
+        assert image.mode == "I;16"
+    eight, sixteen = (np.asarray(data.load_image(str(tmp_path / name), 64)) for name in ("8.png", "16.png"))
+    assert eight.mean() == pytest.approx(127.5, abs=1)
+    assert np.array_equal(sixteen, eight)
+
+
 # ---- the demo set -------------------------------------------------------------------------
 
 def test_demo_is_reproducible_byte_for_byte_and_loads(tmp_path):
@@ -402,6 +415,60 @@ def test_bad_contents(tmp_path):
     split_path.write_text(json.dumps({"train": [["a.jpg", 0, "a"], ["b.jpg", 2, "b"]], "test": []}))
     with pytest.raises(ValueError, match="labels must be 0..C-1"):
         data.load_data("ucf101", str(tmp_path))
+
+
+def test_malformed_split_files_and_classnames_are_named_before_any_model_loads(tmp_path, monkeypatch):
+    build_tree(tmp_path, "ucf101")
+    split_path = tmp_path / "ucf101" / "split_zhou_UCF101.json"
+    good = json.loads(split_path.read_text())
+    for content, problem in [
+            (dict(good, train=None), "'train' is None, not a list"),
+            (dict(good, val={"a.jpg": 0}), "'val' is {'a.jpg': 0}, not a list"),
+            (dict(good, train=[[7, 0, "Abyssinian"]]), "bad train item [7, 0, 'Abyssinian']"),
+            ({"train": [["a.jpg", 0, 5]], "test": [["a.jpg", 0, 5]]}, "bad train item ['a.jpg', 0, 5]")]:
+        split_path.write_text(json.dumps(content))
+        with pytest.raises(ValueError) as caught:
+            data.load_data("ucf101", str(tmp_path))
+        message = str(caught.value)
+        assert message.startswith(f"{split_path}: {problem}; expected " + '{"train": [[image_path'), message
+    # an empty training list: one line from the training script, before the model loads
+    import run
+    import train_sft
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    split_path.write_text(json.dumps(dict(good, train=[])))
+    with pytest.raises(SystemExit) as caught:
+        train_sft.main(["--dataset", "ucf101", "--data-root", str(tmp_path), "--device", "cpu",
+                        "--output-dir", str(tmp_path / "run")])
+    assert str(caught.value.code) == (f"train_sft.py: error: the ucf101 fewshot train split has no "
+                                      f"examples; {data._layout('ucf101', str(tmp_path))}")
+    assert not (tmp_path / "run/fewshot.json").exists()  # no empty choice kept for the next run
+    # an id without a name would list a class '' (and an empty answer would be judged right)
+    build_tree(tmp_path, "imagenet")
+    for folder in ("train", "val"):
+        _image(tmp_path / "imagenet/images" / folder / "n06/x.JPEG")
+    with open(tmp_path / "imagenet/classnames.txt", "a") as f:
+        f.write("n06\n")
+    with pytest.raises(ValueError, match=rf"classnames.txt line 6: 'n06' has no class name; "
+                                         r"expected '<wnid> <class name>'"):
+        data.load_data("imagenet", str(tmp_path))
+
+
+def test_class_names_with_commas_or_brackets_are_named_once(tmp_path, capsys):
+    build_tree(tmp_path, "eurosat")
+    split_path = tmp_path / "eurosat" / "split_zhou_EuroSAT.json"
+    renamed = {"Abyssinian": "Annual_Crop,_Land", "Bengal": "Forest_[dense]"}
+    split = {part: [[path, label, renamed.get(name, name)] for path, label, name in entries]
+             for part, entries in json.loads(split_path.read_text()).items()}
+    split_path.write_text(json.dumps(split))
+    train = data.load_data("eurosat", str(tmp_path), shots=2)
+    test = data.load_data("eurosat", str(tmp_path), split="test")
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == ["warning: eurosat class names with commas or brackets make the candidate list "
+                        "ambiguous to read (scoring is unchanged): ['Annual Crop, Land', 'Forest [dense]']"]
+    # listed as they are: the question holds them, the truth among them
+    question, candidates = data.make_question(test, 0, "no-think", seed=1)
+    assert test.examples[0].classname in candidates and "Annual Crop, Land" in candidates
+    assert "Forest [dense]" in question and train.classnames == test.classnames
 
 
 # ---- the command line ---------------------------------------------------------------------

@@ -398,3 +398,119 @@ def test_plot_is_skipped_cleanly_without_matplotlib(tmp_path, monkeypatch, capsy
     assert list(tmp_path.rglob("*.png")) == []
     message = exit_message(["plot", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl not found" in message
+
+
+# ---- pictures -------------------------------------------------------------------------------
+
+class FakeAxes:
+    def __init__(self):
+        self.lines, self.settings = [], {}
+
+    def plot(self, xs, ys, label=None):
+        self.lines.append((list(xs), list(ys)))
+
+    def set(self, **settings):
+        self.settings.update(settings)
+
+    def legend(self, **kwargs):
+        pass
+
+
+class FakeFigure:
+    """matplotlib.figure.Figure as `plot` uses it (matplotlib is optional, and absent in CI):
+    it records what each panel is given; savefig writes where it is told, as the real one."""
+    made = []
+
+    def __init__(self, **kwargs):
+        self.panels = []
+        FakeFigure.made.append(self)
+
+    def subplots(self, rows, columns, squeeze):
+        self.panels = [FakeAxes() for _ in range(columns)]
+        return [self.panels]
+
+    def savefig(self, file, **kwargs):
+        if isinstance(file, str):
+            with open(file, "wb") as f:
+                f.write(b"picture")
+        else:
+            file.write(b"picture")
+
+
+@pytest.fixture
+def fake_matplotlib(monkeypatch):
+    import types
+    figure = types.ModuleType("matplotlib.figure")
+    figure.Figure = FakeFigure
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", figure)
+    FakeFigure.made.clear()
+    return FakeFigure.made
+
+
+def test_plot_output_into_a_missing_folder(tmp_path, fake_matplotlib):
+    metrics = tmp_path / "run/metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in (1, 2)))
+    output = tmp_path / "plots/new/curves.png"
+    assert E.main(["plot", str(metrics), "--output", str(output)]) == str(output)
+    assert output.read_bytes() == b"picture"
+    (tmp_path / "a_file").write_text("")
+    message = exit_message(["plot", str(metrics), "--output", str(tmp_path / "a_file/curves.png")])
+    assert message.startswith("evaluate.py plot: error: could not write") and "a_file" in message
+    assert "\n" not in message
+
+
+# ---- a checkpoint evaluated as it was trained -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_at_112(tmp_path_factory):
+    """A demo-sized SFT run at 112 px with seed 7 (neither is evaluate.py's documented default),
+    its held-out accuracy logged before training and at its last step."""
+    import train_sft
+    out = tmp_path_factory.mktemp("sft112") / "run"
+    train_sft.main(["--model", "tiny", "--dataset", "demo", "--image-size", "112", "--seed", "7",
+                    "--shots", "4", "--device", "cpu", "--lr", "3e-3", "--lr-schedule", "constant",
+                    "--max-steps", "20", "--batch-size", "4", "--grad-accum", "1", "--eval-every", "20",
+                    "--eval-limit", "20", "--max-new-tokens", "8", "--output-dir", str(out)])
+    return out
+
+
+def test_a_checkpoint_is_evaluated_on_the_inputs_it_was_trained_on(trained_at_112, tmp_path, capsys):
+    budget = ["--dataset", "demo", "--limit", "20", "--max-new-tokens", "8", "--device", "cpu"]
+    E.main(["--model", str(trained_at_112 / "final"), *budget, "--output-dir", str(tmp_path / "own")])
+    assert "image size 112, seed 7, from the checkpoint's training flags" in capsys.readouterr().out
+    summary = read_json(tmp_path / "own/summary.json")
+    assert (summary["args"]["image_size"], summary["args"]["seed"]) == (112, 7)
+    # the number the training run logged for its last step, from the same 20 images
+    trained = [r for r in read_jsonl(trained_at_112 / "metrics.jsonl") if "test_accuracy" in r][-1]
+    assert trained["step"] == 20 and trained["test_accuracy"] > 0.2
+    assert summary["datasets"]["demo"]["accuracy_paper"] / 100 == pytest.approx(trained["test_accuracy"],
+                                                                                abs=1e-9)
+    # other inputs are allowed when asked for, with a note each
+    E.main(["--model", str(trained_at_112 / "final"), *budget, "--image-size", "56",
+            "--output-dir", str(tmp_path / "other")])
+    out = capsys.readouterr().out
+    assert "note: --image-size 56, but" in out and "was trained with --image-size 112" in out
+    assert "seed 7, from the checkpoint's training flags" in out
+    assert read_json(tmp_path / "other/summary.json")["args"]["image_size"] == 56
+    # a model that is not one of our checkpoints: the documented defaults, nothing to say
+    args = E.parse_eval_args(["--model", "tiny"])
+    assert (args.image_size, args.seed) == (None, None)  # "not given" stays visible
+    assert E.choose_inputs(args, {}) == [] and (args.image_size, args.seed) == (384, 100)
+
+
+def test_the_accuracy_before_training_is_step_0_of_the_log_and_the_plot(trained_at_112, tmp_path,
+                                                                        fake_matplotlib):
+    records = read_jsonl(trained_at_112 / "metrics.jsonl")
+    assert [(r["step"], list(r)) for r in records[:1]] == [(0, ["step", "test_accuracy"])]
+    assert [r["step"] for r in records[1:]] == list(range(1, 21))
+    test = D.load_data("demo", None, "fewshot", "test")
+    untrained = E.accuracy(*M.load_model("tiny"), test, "no-think", batch_size=32, max_new_tokens=8,
+                           image_size=112, seed=7, limit=20)
+    assert records[0]["test_accuracy"] == untrained
+    E.main(["plot", str(trained_at_112 / "metrics.jsonl"), "--output", str(tmp_path / "curves.png")])
+    panels = dict(zip(["test_accuracy", "loss"], fake_matplotlib[0].panels))
+    assert panels["test_accuracy"].lines == [([0, 20], [untrained, records[-1]["test_accuracy"]])]
+    assert panels["loss"].lines[0][0] == list(range(1, 21))
+    assert all(p.settings["xlim"] == (0, None) for p in panels.values())  # every panel from step 0

@@ -61,7 +61,8 @@ def test_grpo_with_fsdp_equals_ddp_and_one_process_with_accumulation(tmp_path, w
     assert max_difference(fsdp, ddp) < 1e-5  # measured: 0
     assert max_difference(fsdp, one) < 1e-5  # measured: 4e-7, as DDP vs one process
     assert max_difference(one, weights(tmp_path / "one/warm_start")) > 1e-4  # GRPO moved them
-    a, b, c = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    (start, *a), b, c = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert start["step"] == 0 and "test_accuracy" in start  # --eval-every: the accuracy before GRPO
     assert max(r["zero_spread_share"] for r in c) < 1 and b[-1]["kl"] > 0
     assert max(r["grad_norm"] for r in a + metrics(tmp_path / "fsdp", "warm_start.jsonl")) < 100
     for key in ("reward", "completion_length", "kl", "loss", "grad_norm"):

@@ -293,7 +293,11 @@ def test_demo_learns(tmp_path):
     before, after = (float(x.split("%")[0]) for x in
                      out.split("held-out accuracy: ")[1].split(" before GRPO, "))
     assert after > before
-    records = metrics(tmp_path / "runs/demo")
+    before_record, *records = metrics(tmp_path / "runs/demo")
+    # the accuracy before GRPO is step 0 of the log (the plot starts there)
+    assert before_record == {"step": 0, "test_accuracy": pytest.approx(before / 100, abs=5e-4)}
+    untrained = metrics(tmp_path / "runs/demo", "warm_start.jsonl")[0]
+    assert untrained["step"] == 0 and f"untrained model: {100 * untrained['test_accuracy']:.1f}%" in out
     rewards = [r["reward"] for r in records]
     quarter = len(rewards) // 4
     assert sum(rewards[-quarter:]) > sum(rewards[:quarter])

@@ -124,7 +124,7 @@ def test_demo_flag_with_other_flags_runs_the_demo_with_them_changed(tmp_path, mo
     saved = json.loads((tmp_path / "demo/args.json").read_text())
     assert saved["model"] == "tiny" and saved["dataset"] == "demo" and saved["demo"]
     assert saved["max_steps"] == 2 and saved["warm_start_steps"] == 1 and saved["num_generations"] == 8
-    assert [r["step"] for r in metrics(tmp_path / "demo")] == [1, 2]
+    assert [r["step"] for r in metrics(tmp_path / "demo")] == [0, 1, 2]  # 0: the accuracy before
 
 
 # 5. a signal on one rank only ------------------------------------------------------------------

@@ -232,6 +232,22 @@ def test_save_load_round_trip_gives_identical_logits(tiny, images, texts, tmp_pa
     assert type(plain).__name__ == "Qwen2VLForConditionalGeneration"
 
 
+def test_saving_and_loading_print_no_bars_of_their_own(tiny, tmp_path, capsys):
+    """transformers' "Writing model shards" and "Loading weights" bars would break the training
+    bar's line at every checkpoint; our own tqdm bars, and transformers' outside our calls, stay."""
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText
+    model, processor = tiny
+    M.save_pretrained(model, processor, str(tmp_path))
+    M.load_model(str(tmp_path))
+    for _ in tqdm(range(2), desc="our bar"):
+        pass
+    quiet = capsys.readouterr().err
+    assert "our bar" in quiet and "Writing model shards" not in quiet and "Loading weights" not in quiet
+    AutoModelForImageTextToText.from_pretrained(str(tmp_path))  # not through load_model: as it was
+    assert "Loading weights" in capsys.readouterr().err
+
+
 def test_loading_a_directory_that_is_not_a_model_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.load_model(str(tmp_path))

@@ -109,13 +109,14 @@ def test_short_run_lowers_the_loss_and_raises_held_out_accuracy(tmp_path):
             "--device", "cpu", "--lr", "3e-3", "--lr-schedule", "constant", "--max-steps", "48",
             "--batch-size", "4", "--grad-accum", "1", "--eval-every", "48",
             "--eval-batch-size", "50", "--output-dir", str(out)])
-    records = metrics(out)
+    start, *records = metrics(out)
     losses = [r["loss"] for r in records]
     assert len(losses) == 48
     assert sum(losses[-12:]) / 12 < 0.5 * sum(losses[:12]) / 12
     test = D.load_data("demo", None, "fewshot", "test")  # 100 images, 10 per class
     settings = dict(batch_size=50, max_new_tokens=64, image_size=56, seed=100)
     before = E.accuracy(*M.load_model("tiny"), test, "no-think", **settings)
+    assert start == {"step": 0, "test_accuracy": before}  # --eval-every measures step 0 too
     after = records[-1]["test_accuracy"]
     assert after >= before + 0.2, (before, after)  # fractions
     # the logged number is what evaluate.py gives for the saved checkpoint
