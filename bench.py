@@ -27,6 +27,7 @@ projected time of the paper's ImageNet run (40,000 prompt groups, No-Thinking) o
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -37,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from data import write_atomic
-from model import Processor, PromptBatch, completion_logprobs, pad_prompts, sample_groups, slice_prompts
+from model import (Processor, PromptBatch, adapters, adapters_off, add_adapters, completion_logprobs,
+                   pad_prompts, sample_groups, slice_prompts)
 from run import compute_context
 from train_grpo import grpo_loss, timer
 
@@ -61,6 +63,11 @@ PRESETS = {
                image=384, text_tokens=540, groups=4, configs=["4x8", "8x8", "4x256", "8x256"],
                device="cuda", precision="bf16", repeats=3),
 }
+# Qwen2-VL-7B (and, within 1 %, Qwen2.5-VL-7B): only its size, for the memory table
+MODEL_7B = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, mrope_section=[16, 24, 24],
+                          vocab_size=152064, tie_word_embeddings=False),
+                vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4))
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 IMAGENET_GROUPS = 40_000  # 1,000 classes x 4 shots x 10 epochs
 
@@ -69,24 +76,9 @@ def build_models(preset: dict, layers, vision_layers, device, precision: str):
     """Policy and frozen reference with the same random weights, and a Processor for our path.
     As in training: the policy holds fp32 (master) weights, the reference bf16 under bf16 (its
     rotary buffers fp32, as the policy's)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
-    text = dict(preset["text"])
-    section = text.pop("mrope_section")
-    text.update(vocab_size=VOCAB, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                   "mrope_section": section},
-                max_position_embeddings=32768, tie_word_embeddings=True,
-                bos_token_id=PAD, eos_token_id=IM_END, pad_token_id=PAD)
-    vision = dict(preset["vision"], hidden_size=text["hidden_size"], patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    if layers:
-        text["num_hidden_layers"] = layers
-    if vision_layers:
-        vision["depth"] = vision_layers
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                           image_token_id=IMAGE_PAD, vision_start_token_id=VISION_START,
-                           vision_end_token_id=VISION_END, video_token_id=151656)
-    config._attn_implementation = "sdpa"
+    config = qwen2_vl_config(preset, layers, vision_layers)
     torch.manual_seed(0)
     with torch.device(device):
         policy = Qwen2VLForConditionalGeneration(config).float()
@@ -99,6 +91,25 @@ def build_models(preset: dict, layers, vision_layers, device, precision: str):
     processor = Processor(tokenizer=_NoText(), image_processor=None, end_id=IM_END, pad_id=PAD,
                             image_pad_id=IMAGE_PAD, blocked_ids=blocked, merge_size=2)
     return policy, reference, processor
+
+
+def qwen2_vl_config(preset: dict, layers=None, vision_layers=None):
+    """The Qwen2-VL configuration of a preset (its sizes; the real token ids and vocabulary)."""
+    from transformers import Qwen2VLConfig
+
+    text = {"vocab_size": VOCAB, "tie_word_embeddings": True, **preset["text"]}
+    section = text.pop("mrope_section")
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+                max_position_embeddings=32768, bos_token_id=PAD, eos_token_id=IM_END, pad_token_id=PAD)
+    vision = dict(preset["vision"], hidden_size=text["hidden_size"], patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text["num_hidden_layers"] = layers or text["num_hidden_layers"]
+    vision["depth"] = vision_layers or vision["depth"]
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
+                           tie_word_embeddings=text["tie_word_embeddings"], vision_start_token_id=VISION_START,
+                           vision_end_token_id=VISION_END, video_token_id=151656)
+    config._attn_implementation = "sdpa"
+    return config
 
 
 class _NoText:
@@ -232,7 +243,7 @@ def grpo_step(path, policy, reference, processor, optimizer, prompts, G, length,
         t1 = timer(device)
         groups = [(slice_prompts(prompts, b, b + 1), completions[b * G:(b + 1) * G]) for b in range(B)]
         score = naive_logprobs if path == "naive" else completion_logprobs
-        with torch.no_grad():
+        with torch.no_grad(), adapters_off(reference):  # under LoRA the reference is the policy
             ref = [score(reference, p, c, G) for p, c in groups]
         t2 = timer(device)
         policy.train()
@@ -305,7 +316,14 @@ def main(argv=None):
     parser.add_argument("--precision-rollout", default="4x64", metavar="GxT",
                         help="the rollout timed in fp32, in bf16, and in bf16 recasting every step")
     parser.add_argument("--json", default=None, help="also write the results here, one record per configuration")
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="also time our step with LoRA adapters of this rank against the full one (0: no)")
+    parser.add_argument("--memory", action="store_true",
+                        help="print the per-GPU memory table of 2B and 7B (README: What fits where) and stop")
     args = parser.parse_args(argv)
+    if args.memory:
+        print(what_fits())
+        return what_fits()
     preset = PRESETS[args.preset]
     device = torch.device(args.device or preset["device"])
     precision = args.precision or preset["precision"]
@@ -379,9 +397,117 @@ def main(argv=None):
           f"{times['bf16_recast_per_step'] / times['bf16']:.2f}x")
     records.append(dict(preset=args.preset, config=f"rollout G={G} T={length}", groups=groups,
                         device=name, rollout_seconds=times))
+    if args.lora_rank:  # the full models go first, so that the LoRA step's peak is its own
+        state = policy.state_dict()
+        del policy, reference, optimizer
+        gc.collect()
+        records.append(lora_step(args, preset, state, processor, prompts, device, precision, records[0]))
     if args.json:
         write_atomic(args.json, json.dumps(records, indent=2))  # makes the folder too
     return records
+
+
+def lora_step(args, preset, state, processor, prompts, device, precision, full: dict) -> dict:
+    """Our step with LoRA (a frozen base in the compute dtype, adapters, the reference the
+    adapters off) on the first configuration, against the full fine-tuning step measured there
+    (`full`: fp32 masters, AdamW over every weight, a reference model): seconds per group and
+    peak memory, the full models freed first."""
+    from transformers import Qwen2VLForConditionalGeneration
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(
+            qwen2_vl_config(preset, args.layers, args.vision_layers),
+            dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    model.load_state_dict(state)
+    del state
+    add_adapters(model, args.lora_rank, 2 * args.lora_rank, seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    G, length = full["G"], full["completion_tokens"]
+    grpo_step("ours", model, model, processor, optimizer, prompts, 2, 4, device, precision)  # warm-up
+    lora = median_phases([grpo_step("ours", model, model, processor, optimizer, prompts, G, length,
+                                    device, precision) for _ in range(args.repeats or preset["repeats"])])
+    result = {"full": dict(total_s=full["ours"]["total_s"], peak_gb=full["ours"]["peak_gb"]),
+              "lora": dict(total_s=lora.total / prompts.input_ids.shape[0], peak_gb=lora.peak_gb)}
+    print(f"\nours, full vs LoRA r={args.lora_rank}, {full['config']}: " + ", ".join(
+          f"{k} {v['total_s']:.3f} s per group, peak {v['peak_gb']:.2f} GB" for k, v in result.items())
+          + f"; LoRA / full time {result['lora']['total_s'] / result['full']['total_s']:.2f}x")
+    return dict(preset=args.preset, config=f"full vs LoRA r={args.lora_rank} {full['config']}", **result)
+
+
+# ----------------------------------------------------------------------------- what fits where
+
+def memory_budget(model, *, precision="bf16", fsdp=False, world_size=1, group_size=4,
+                  completion_tokens=8, prompt_tokens=746, image_patches=784, batch_size=1,
+                  grad_accum=2, beta=0.04) -> dict[str, float]:
+    """Bytes per GPU of a GRPO run, by component. Counted from `model`'s
+    parameter shapes (it may live on the meta device; with LoRA adapters added when the run has
+    --lora-rank) and the run's flags, as train_grpo.py holds them:
+    - weights: the fp32 masters of what trains (4 bytes per parameter; under LoRA the adapters)
+      and, under LoRA, the frozen base in the compute dtype; under FSDP 1/world_size of it all;
+    - gradients: fp32, of what trains; FSDP keeps them full-size between micro-steps when
+      accumulating (--grad-accum > 1) and reduce-scatters them to a shard only on the last;
+    - adamw: two fp32 moments of what trains (sharded under FSDP);
+    - reference: the frozen KL reference in the compute dtype (none under LoRA: the adapters off;
+      none when beta = 0; sharded under FSDP);
+    - working copy: the compute-dtype copy a rollout or a micro-step's policy pass computes with
+      (run.compute_context; under FSDP the gathered policy); none in fp32 or for a bf16 base;
+    - activations: an ESTIMATE for one micro-step's scoring: about 22 x hidden + 8 x FFN bytes
+      saved per token per layer in bf16 (norm inputs with their fp32 copies, q/k/v, attention
+      output, the MLP's four FFN-wide tensors), twice that in fp32, over the prompt + G
+      completions of the language model and the image's patches of the vision tower, for each
+      of the micro-step's `batch_size` prompts.
+    """
+    compute = 2 if precision == "bf16" else 4
+    lora = bool(adapters(model))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad or not lora)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
+    shard = world_size if fsdp else 1
+    text, vision = model.config.text_config, model.config.vision_config
+    per_token = compute / 2 * (22 * text.hidden_size + 8 * text.intermediate_size) * text.num_hidden_layers
+    per_patch = compute / 2 * (22 * vision.embed_dim + 8 * vision.embed_dim * vision.mlp_ratio) * vision.depth
+    return {
+        "weights": (4 * trainable + compute * frozen) / shard,
+        "gradients": 4 * trainable / (shard if grad_accum == 1 else 1) if fsdp else 4 * trainable,
+        "adamw": 8 * trainable / shard,
+        "reference": 0 if lora or not beta else compute * trainable / shard,
+        "working copy": compute * trainable if precision == "bf16" or fsdp else 0,
+        "activations": batch_size * (per_token * (prompt_tokens + group_size * completion_tokens)
+                                     + per_patch * image_patches),
+    }
+
+
+# (model, setup, budget flags, command flags): the README's "What fits where" rows
+FITS = [(name, setup, flags, command) for name, model_flag in (("2b", ""), ("7b", " --model Qwen/Qwen2-VL-7B-Instruct"))
+        for setup, flags, command in (
+            ("full, DDP", dict(), "torchrun --nproc_per_node 8 train_grpo.py" + model_flag),
+            ("full, FSDP on 8 GPUs", dict(fsdp=True, world_size=8, batch_size=2, grad_accum=1),
+             "torchrun --nproc_per_node 8 train_grpo.py --fsdp --batch-size 2 --grad-accum 1" + model_flag),
+            ("LoRA r=16, 1 GPU", dict(lora_rank=16),
+             "python train_grpo.py --lora-rank 16 --lr 1e-5 --grad-accum 16" + model_flag))]
+
+
+def what_fits() -> str:
+    """The README's table: per-GPU memory of GRPO No-Thinking (746-token ImageNet prompts, 8-token
+    answers) for Qwen2-VL-2B and -7B, from their real shapes (built on the meta device: no
+    download, no memory), full fine-tuning and LoRA, DDP and FSDP, G = 4 and 8."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    rows = []
+    for name, setup, flags, command in FITS:
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration(qwen2_vl_config(PRESETS["2b"] if name == "2b" else MODEL_7B))
+        flags = dict(flags)
+        if flags.pop("lora_rank", 0):
+            add_adapters(model, 16, 32, seed=0)
+        for G in (4, 8):
+            parts = memory_budget(model, group_size=G, **flags)
+            gb = {k: v / 1e9 for k, v in parts.items()}
+            total = sum(gb.values())
+            rows.append(f"| {name.upper()} | {setup} | {G} | " + " | ".join(f"{v:.1f}" for v in gb.values())
+                        + f" | **{total:.0f}** | {'yes' if total < 80 else 'no'} | `{command} --num-generations {G}` |")
+    header = ("| model | set-up | G | weights | gradients | AdamW | reference | working copy | "
+              "activations (est.) | total GB | fits 80 GB | command (with --dataset, --data-root) |\n"
+              + "|---" * 12 + "|\n")
+    return header + "\n".join(rows)
 
 
 if __name__ == "__main__":
