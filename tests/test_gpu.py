@@ -1,0 +1,203 @@
+"""The GPU check: what the CPU tests cannot see (CUDA kernels, bf16 on a GPU, NCCL, fused AdamW on
+FSDP's DTensors, CUDA graphs), on a real-size Qwen2-VL-2B: its configuration with random weights
+at the real initialisation scale (std 0.02), built here, no download. A few minutes on one GPU:
+
+    python -m pytest -q tests/test_gpu.py
+
+Skipped without CUDA. `CLS_RL_GPU_CHECK=cpu` runs the same checks on the CPU with gloo, at the
+2B's widths with 2 text and 2 vision layers (to check the check before a GPU is at hand).
+Torchrun jobs here have one process (one GPU): DDP itself needs two ranks (run.prepare_training
+wraps a policy in DDP only then), so they exercise NCCL, FSDP and the run around them.
+"""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import model as M
+import run as R
+import train_grpo as T
+from conftest import never_ending, training_args
+from helpers import ROOT, env, max_difference, metrics
+
+ON_CPU = os.environ.get("CLS_RL_GPU_CHECK") == "cpu"
+DEVICE = torch.device("cpu" if ON_CPU else "cuda")
+DEPTH = 2 if ON_CPU else None  # None: the real 28 text and 32 vision layers
+pytestmark = pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(),
+                                reason="needs CUDA (CLS_RL_GPU_CHECK=cpu runs it on the CPU, 2 layers deep)")
+cosine = torch.nn.functional.cosine_similarity
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """(model, processor, folder): Qwen2-VL-2B's shapes with random weights, fp32 on the device
+    (the weights rounded to bf16, as the hub ships them), and the same saved as a model folder
+    for the training scripts. The tokenizer is the offline one, its ids written into the config."""
+    from transformers import Qwen2VLForConditionalGeneration
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
+    tokenizer = M.build_tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS}
+    config = bench.qwen2_vl_config(bench.PRESETS["2b"], DEPTH, DEPTH)
+    config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    config.text_config.eos_token_id = ids[M.END_TOKEN]
+    config.text_config.bos_token_id = config.text_config.pad_token_id = ids["<|endoftext|>"]
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).float().to(DEVICE).eval()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    processor = M.Processor.from_parts(tokenizer, Qwen2VLImageProcessorPil(), config.text_config.vocab_size)
+    folder = tmp_path_factory.mktemp("real") / "qwen2-vl-2b-random"
+    M.save_pretrained(model, processor, str(folder), {k: v.bfloat16() for k, v in model.state_dict().items()})
+    return model, processor, folder
+
+
+def prompts_and_completions(processor, count=2, G=4, length=16):
+    """`count` demo prompts at the authors' 384 px (196 image tokens) and G forced-length
+    completions each, of random allowed tokens."""
+    from data import load_data, load_image, make_question
+    data = load_data("demo", None, "fewshot", "test")
+    images = [load_image(data.examples[i].image, 384) for i in range(count)]
+    texts = [make_question(data, i, "no-think", seed=100)[0] for i in range(count)]
+    prompts = M.build_prompts(processor, images, texts, DEVICE)
+    allowed = torch.tensor(sorted(set(range(len(processor.tokenizer))) - set(processor.blocked_ids)))
+    ids = allowed[torch.randint(len(allowed), (count * G, length), generator=torch.Generator().manual_seed(0))]
+    return prompts, ids.to(DEVICE)
+
+
+def naive_logprobs(model, prompts, ids, G):
+    """Each prompt + completion as its own forward, logits everywhere: what the shortcut replaces."""
+    rows = []
+    for b in range(prompts.input_ids.shape[0]):
+        one = M.slice_prompts(prompts, b, b + 1)
+        rows.append(bench.naive_logprobs(model, one, ids[b * G:(b + 1) * G], G))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def test_shared_prefix_scoring_equals_full_sequences_in_bf16(real):
+    """TOLERANCE: bf16 keeps 8 significant bits, so two correct bf16 computations that add in
+    different orders (one packed masked forward vs G separate ones, different attention kernels)
+    differ by rounding. Each may be as far from the exact (fp32) result as bf16 takes the naive
+    one, so the two may differ by twice that, in the largest and in the mean difference."""
+    model, processor, _ = real
+    prompts, ids = prompts_and_completions(processor)
+    fp32 = naive_logprobs(model, prompts, ids, 4)
+    assert float((M.completion_logprobs(model, prompts, ids, 4) - fp32).abs().max()) < 1e-3
+    with R.compute_context(model, "bf16"):
+        ours, naive = M.completion_logprobs(model, prompts, ids, 4), naive_logprobs(model, prompts, ids, 4)
+    bf16_error = (naive - fp32).abs()
+    assert bf16_error.max() > 0  # bf16 really ran
+    assert (ours - naive).abs().max() <= 2 * bf16_error.max() and (ours - naive).abs().mean() <= 2 * bf16_error.mean()
+
+
+@torch.no_grad()
+def test_sampling_equals_generate_and_the_compiled_decode_the_eager_loop(real):
+    """fp32 (TF32 off): greedy tokens equal Hugging Face's generate; seeded sampling does not
+    depend on the batch a group shares; --compile's decode (CUDA graphs) gives the eager loop's
+    tokens, greedy and sampled."""
+    model, processor, _ = real
+    prompts, _ = prompts_and_completions(processor)
+    greedy = M.sample_groups(model, processor, prompts, 1, 16, temperature=0)
+    reference = model.generate(
+        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+        pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+        mm_token_type_ids=prompts.mm_token_type_ids, do_sample=False, max_new_tokens=16,
+        suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
+        pad_token_id=processor.pad_id)[:, prompts.input_ids.shape[1]:]
+    assert torch.equal(greedy.completion_ids, reference[:, :greedy.completion_ids.shape[1]])
+    sampled = M.sample_groups(model, processor, prompts, 4, 16, seeds=[1, 2])
+    alone = M.sample_groups(model, processor, M.slice_prompts(prompts, 1, 2), 4, 16, seeds=[2])
+    assert torch.equal(sampled.completion_ids[4:, :alone.completion_ids.shape[1]], alone.completion_ids)
+    for temperature, G, seeds in ((0, 1, None), (1.0, 4, [1, 2])):
+        eager = M.sample_groups(model, never_ending(processor), prompts, G, 16, temperature, seeds=seeds)
+        compiled = M.sample_groups(model, never_ending(processor), prompts, G, 16, temperature, seeds=seeds,
+                                   compile=True)
+        assert torch.equal(compiled.completion_ids, eager.completion_ids), temperature
+
+
+def test_one_bf16_update_at_lr_1e6_moves_every_weight(real):
+    """--precision bf16 at the paper's learning rate: the fp32 masters take AdamW's ~1e-6 steps
+    (bf16 weights would round them away: the gap between bf16 numbers near 0.02 is ~1.2e-4)."""
+    model, processor, _ = real
+    model = copy.deepcopy(model)  # trained here; the fixture's stays as it is
+    prompts, ids = prompts_and_completions(processor, count=1)
+    mask = M.completion_mask(ids, processor.end_id)
+    advantages = T.group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0]])).flatten().to(DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+    policy, optimizer = R.prepare_training(training_args(lr=1e-6, precision="bf16"), R.Run(0, 1, DEVICE), model)
+    with R.compute_context(model, "bf16"):
+        logprobs = policy(prompts, ids, 4)
+        loss, _ = T.grpo_loss(logprobs, logprobs.detach(), None, advantages, mask, beta=0.0, epsilon=0.2,
+                              loss_norm="sequence", normaliser=4)
+        loss.backward()
+    R.optimizer_step(model, optimizer, 1e-6, max_grad_norm=1.0)
+    moved = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
+    assert moved / sum(b.numel() for b in before) >= 0.99
+    del model, policy, optimizer, before
+
+
+def torchrun(args, folder, tmp_path, wrapper=None, check=True):
+    """`torchrun --nproc_per_node 1` (NCCL on a GPU) of train_grpo.py on the real-size model."""
+    script = ROOT / "tests/signal_on_rank1.py" if wrapper else ROOT / "train_grpo.py"
+    common = ["--model", str(folder), "--dataset", "demo", "--image-size", "384", "--shots", "2",
+              "--max-new-tokens", "8", "--batch-size", "1", "--grad-accum", "2", "--num-generations", "4",
+              "--lr", "1e-6", "--weight-decay", "0.1", "--precision", "bf16", "--max-steps", "3",
+              "--save-every", "1", "--keep-checkpoints", "3", "--device", DEVICE.type]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           str(script), *common, *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env(tmp_path), "SIGNAL_RANK": "0"}, timeout=600)
+    assert not check or done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+def masters(checkpoint, tmp_path):
+    """The fp32 weights a checkpoint resumes from."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    if "sharded_optimizer" in state:
+        dcp_to_torch_save(checkpoint / "sharded", tmp_path / "gathered.pt")
+        return torch.load(tmp_path / "gathered.pt", weights_only=False)["model"]
+    return state["master_weights"]
+
+
+@pytest.mark.parametrize("wrap", [[], ["--fsdp"], ["--lora-rank", "16"]])
+def test_a_run_under_torchrun_starts_at_its_reference_and_resumes_exactly(real, wrap, tmp_path):
+    """The untrained model earns no reward, so step 1's only gradient is the KL's, exactly 0 when
+    the policy computes what its reference computes (the same bf16 computation on the same
+    weights); weight decay then moves the weights, so later steps have a KL to follow. A SIGTERM
+    during step 2 saves and stops; --resume latest ends on the uninterrupted run's weights."""
+    _, _, folder = real
+    torchrun(wrap + ["--output-dir", "straight"], folder, tmp_path)
+    first, *_, last = metrics(tmp_path / "straight")
+    assert first["zero_spread_share"] == 1 and first["kl"] == 0 and first["grad_norm"] == 0, first
+    cut = torchrun(wrap + ["--output-dir", "cut"], folder, tmp_path, wrapper=True, check=False)
+    assert cut.returncode != 0 and "SIGTERM" in cut.stdout + cut.stderr, (cut.stdout + cut.stderr)[-3000:]
+    torchrun(wrap + ["--output-dir", "cut", "--resume", "latest"], folder, tmp_path)
+    straight, resumed = (masters(tmp_path / f"{d}/checkpoint-000003", tmp_path) for d in ("straight", "cut"))
+    assert max_difference(straight, resumed) == 0
+    assert max_difference(straight, masters(tmp_path / "straight/checkpoint-000001", tmp_path)) > 0
+    assert [r["kl"] for r in metrics(tmp_path / "cut")] == [r["kl"] for r in metrics(tmp_path / "straight")]
+
+
+@pytest.mark.skipif(ON_CPU or not __import__("importlib").util.find_spec("flash_attn"),
+                    reason="FlashAttention-2 (flash_attn) is not installed")
+@torch.no_grad()
+def test_the_vision_tower_under_flash_attention_equals_sdpa(real):
+    """model.load_model gives the vision tower FlashAttention-2 when it is installed on a GPU.
+    TOLERANCE as above: no further from SDPA's bf16 output than bf16 is from fp32."""
+    model, processor, _ = real
+    prompts, _ = prompts_and_completions(processor)
+    outputs = {}
+    for name, implementation, precision in (("fp32", "sdpa", "fp32"), ("sdpa", "sdpa", "bf16"),
+                                            ("flash", "flash_attention_2", "bf16")):
+        model.model.visual.config._attn_implementation = implementation
+        with R.compute_context(model, precision):
+            outputs[name] = model.model.visual(prompts.pixel_values, grid_thw=prompts.image_grid_thw
+                                               ).pooler_output.float()  # the merged image tokens
+    model.model.visual.config._attn_implementation = "sdpa"
+    bf16_error = (outputs["sdpa"] - outputs["fp32"]).abs().max()
+    assert (outputs["flash"] - outputs["sdpa"]).abs().max() <= 2 * bf16_error
