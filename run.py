@@ -46,6 +46,10 @@ from model import GroupScorer, load_model, save_pretrained
 # Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "eval_every",
                      "eval_limit", "eval_batch_size", "device", "dist_timeout", "demo"}
+# The largest --image-size: the Qwen2-VL and Qwen2.5-VL processors shrink any image of more than
+# 12,845,056 pixels (3584 x 3584, their max_pixels: 16384 visual tokens) back under it, so a
+# larger resize only costs time and memory (at 100000 px, tens of GB in PIL before any error).
+MAX_IMAGE_SIZE = 3584
 
 # ----------------------------------------------------------------------------- processes
 
@@ -129,15 +133,19 @@ def append_jsonl(path: str, records: list[dict]) -> None:
 def check_flags(args, at_least: dict | None = None, above: dict | None = None,
                 at_most: dict | None = None) -> None:
     """Stop with one line naming the flag, its value and what was expected, before anything is
-    loaded. Flags whose value is None (not given, no default) are not checked.
+    loaded: every float flag finite, and the given bounds. Flags whose value is None (not given,
+    no default) are not checked.
     >>> check_flags(argparse.Namespace(batch_size=0, lr=1e-6), at_least={"batch_size": 1})
     Traceback (most recent call last):
     SystemExit: --batch-size 0: expected at least 1
     """
+    for name, value in vars(args).items():  # inf would pass every lower bound
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: expected a finite number")
     tests = {"at least": float.__ge__, "more than": float.__gt__, "at most": float.__le__}
     for words, bounds in zip(tests, (at_least or {}, above or {}, at_most or {})):
         for name, bound in bounds.items():
-            value = getattr(args, name)  # NaN fails every comparison
+            value = getattr(args, name)
             if value is not None and not tests[words](float(value), float(bound)):
                 raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
 
@@ -469,7 +477,8 @@ def start_run(args, script: str):
     checkpoint to resume from or None, training data, test data, model, processor)."""
     check_flags(args, above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0), at_least=dict(
         batch_size=1, grad_accum=1, image_size=1, shots=1, max_steps=1, max_new_tokens=1, save_every=0,
-        keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0))
+        keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0),
+        at_most=dict(image_size=MAX_IMAGE_SIZE))
     if args.fsdp and "RANK" not in os.environ:
         raise SystemExit("--fsdp: shards over the processes of a torchrun job; launch with torchrun "
                          "(--nproc_per_node 1 works too)")

@@ -1,6 +1,8 @@
 """A run never lies: signals, resume, flags and errors, one test per way a run could mislead."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import data as D
 import evaluate as E
@@ -98,7 +101,7 @@ def test_resume_refuses_flags_that_change_the_trajectory_and_keeps_args_json(tmp
     (T, "--lr", "-1", "more than 0"), (T, "--num-iterations", "0", "at least 1"),
     (T, "--eval-batch-size", "0", "at least 1"), (T, "--num-generations", "1", "at least 2"),
     (T, "--top-p", "1.5", "at most 1"), (S, "--epochs", "0", "more than 0"),
-    (S, "--lr", "nan", "more than 0"), (S, "--batch-size", "0", "at least 1"),
+    (S, "--lr", "nan", "a finite number"), (S, "--batch-size", "0", "at least 1"),
 ])
 def test_a_bad_flag_stops_before_loading_with_its_name_and_value(script, flag, value, expected,
                                                                 tmp_path, no_loading):
@@ -219,3 +222,28 @@ def test_no_file_cites_what_the_repository_does_not_ship():
             assert not any(word in text for word in forbidden), name
             for cited in {w.strip("`().,:;'\"") for w in text.split() if w.strip("`().,:;'\"").startswith("docs/")}:
                 assert (ROOT / cited).exists(), (name, cited)
+
+
+# ================================================================================================
+# Output folders, resume, restarts, corrupt and absurd input: one test per way a run could lose
+# the user's files, silently continue another run, or end 0 with a broken result.
+
+def test_warm_start_lr_defaults_to_sfts_and_the_demo_keeps_its_own():
+    assert T.parse_args(["--model", "tiny", "--warm-start-steps", "10"]).warm_start_lr == 1e-5
+    assert T.parse_args([]).warm_start_lr == T.parse_args(["--demo"]).warm_start_lr == 3e-3
+
+
+@pytest.mark.parametrize("script, flag, value, expected", [
+    (T, "--lr", "inf", "a finite number"), (T, "--weight-decay", "inf", "a finite number"),
+    (T, "--warm-start-lr", "inf", "a finite number"), (T, "--beta", "inf", "a finite number"),
+    (T, "--epochs", "inf", "a finite number"), (T, "--dist-timeout", "inf", "a finite number"),
+    (T, "--temperature", "nan", "a finite number"), (S, "--max-grad-norm", "inf", "a finite number"),
+    (T, "--image-size", "100000", "at most 3584"),
+    (E, "--image-size", "100000", "at most 3584"),
+    (E, "--dist-timeout", "nan", "a finite number"),
+])
+def test_absurd_flag_values_stop_before_loading(script, flag, value, expected, tmp_path, no_loading):
+    common = ["--model", "tiny", "--dataset", "demo"] if script is E else FAST
+    with pytest.raises(SystemExit) as stop:
+        script.main(common + [flag, value, "--output-dir", str(tmp_path / "run")])
+    assert str(stop.value) == f"{flag} {value}: expected {expected}"
