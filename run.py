@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -50,6 +52,9 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "
 # 12,845,056 pixels (3584 x 3584, their max_pixels: 16384 visual tokens) back under it, so a
 # larger resize only costs time and memory (at 100000 px, tens of GB in PIL before any error).
 MAX_IMAGE_SIZE = 3584
+# What writing a checkpoint raises on a full disk: the OS, safetensors, torch.save ("unexpected
+# pos"), torch.distributed.checkpoint (every rank, when any rank's write failed).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 
 # ----------------------------------------------------------------------------- processes
 
@@ -87,6 +92,15 @@ def print0(run: Run, *args, **kwargs):
 def barrier(run: Run):
     if run.world_size > 1:
         dist.barrier()
+
+
+def leave_job(run: Run):
+    """Destroy the process group, after a barrier: under gloo a rank that destroys it right after
+    a collective can deadlock (the group's destructor waits, holding Python's lock, for a worker
+    thread that needs that lock to free the collective's tensors)."""
+    if run.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce(run: Run, values: dict, op=dist.ReduceOp.SUM) -> dict:
@@ -323,16 +337,19 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
     the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
     every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
-    and renamed: a crash mid-save never leaves a half checkpoint."""
+    and renamed: a crash mid-save never leaves a half checkpoint. A write that fails (a full
+    disk) on any rank ends every rank with one line naming the checkpoint; path.tmp is removed
+    and the earlier checkpoints are left as they were."""
     tmp = path + ".tmp"
     fsdp = sharded(model)
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save cut short
+    barrier(run)
+    weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
+    error = None  # this rank's failed write: it still takes part in every collective below
     try:
-        if run.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier(run)
+        os.makedirs(tmp, exist_ok=True)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
-        weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
         if run.is_main:
             if fsdp:
                 state = {**state, "sharded_optimizer": bool(optimizer.state)}
@@ -341,18 +358,33 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
             if precision == "bf16":
                 if not fsdp:
                     state = {**state, "master_weights": weights}
-                weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
+                # one bf16 tensor per storage: the tied embedding / output weight is saved once
+                cast = {}
+                for value in weights.values():
+                    if value.is_floating_point() and value.data_ptr() not in cast:
+                        cast[value.data_ptr()] = value.bfloat16()
+                weights = {k: cast.get(v.data_ptr(), v) for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        if fsdp:
+    except WRITE_ERRORS as err:
+        error = err
+    if fsdp:
+        try:
             dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
                      checkpoint_id=os.path.join(tmp, "sharded"))
-        barrier(run)  # every rank's files are in before the rename
+        except WRITE_ERRORS as err:
+            error = error or err
+    # instead of a barrier: every rank's files are in, or every rank learns that one failed
+    if all_reduce(run, {"failed": error is not None}, op=dist.ReduceOp.MAX)["failed"]:
         if run.is_main:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    except OSError as err:  # a full disk: say which checkpoint could not be written
-        raise OSError(f"could not write checkpoint {path}: {err}") from err
+            shutil.rmtree(tmp, ignore_errors=True)
+        leave_job(run)
+        reason = next((line for line in str(error).splitlines() if line.strip()), "") if error else ""
+        raise SystemExit(f"could not write checkpoint {path} ({type(error).__name__}: {reason}); "
+                         "the earlier checkpoints are intact" if error else 1)
+    if run.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
     barrier(run)
 
 
@@ -590,8 +622,7 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
     if signum:
         print0(run, f"{signal.Signals(signum).name}: saved {prefix}{step:06d} and stopped; "
                     "continue with --resume latest")
-        if run.world_size > 1:
-            dist.destroy_process_group()
+        leave_job(run)
         raise SystemExit(128 + signum)
 
 

@@ -35,11 +35,16 @@ def cli(script, args, tmp_path, timeout=120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+PROGRESS_BAR = re.compile(r"^[^|]*\|[^|]*\| *\d+/\d+ \[[^\]]*\]")
+
+
 def one_line_error(done: subprocess.CompletedProcess) -> str:
-    """The error a script stopped with: non-zero exit, no traceback, one line on stderr."""
+    """The error a script stopped with: non-zero exit, no traceback, one line on stderr (besides
+    progress bars, which it may follow on the terminal line of the last one)."""
     assert done.returncode != 0, done.stdout[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    lines = [PROGRESS_BAR.sub("", line).replace("\x1b[A", "").strip() for line in done.stderr.splitlines()]
+    lines = [line for line in lines if line]
     assert len(lines) == 1, done.stderr[-3000:]
     return lines[0]
 
@@ -201,7 +206,7 @@ def test_a_full_disk_names_the_checkpoint_being_written(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match="checkpoint-000001.*No space left"):
+    with pytest.raises(SystemExit, match="checkpoint-000001.*No space left"):
         T.main(GRPO + ["--max-steps", "1", "--output-dir", str(tmp_path / "run")])
 
 
@@ -247,3 +252,24 @@ def test_absurd_flag_values_stop_before_loading(script, flag, value, expected, t
     with pytest.raises(SystemExit) as stop:
         script.main(common + [flag, value, "--output-dir", str(tmp_path / "run")])
     assert str(stop.value) == f"{flag} {value}: expected {expected}"
+
+
+@pytest.mark.parametrize("how", ["torch", "safetensors"])
+def test_a_full_disk_is_one_line_naming_the_checkpoint_and_keeps_the_earlier_ones(how, tmp_path):
+    done = cli("tests/full_disk.py", [how] + GRPO + ["--max-steps", "3", "--save-every", "1",
+                                                      "--output-dir", "run"], tmp_path)
+    message = one_line_error(done)
+    assert "could not write checkpoint run/checkpoint-000002" in message, message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-000001"]
+    assert R.saved_state(str(tmp_path / "run/checkpoint-000001"))["step"] == 1
+    weights(tmp_path / "run/checkpoint-000001")  # loads
+
+
+def test_bf16_checkpoints_store_the_tied_embedding_once(tmp_path):
+    T.main(GRPO + ["--max-steps", "1", "--precision", "bf16", "--output-dir", str(tmp_path / "run")])
+    untrained, processor = M.load_model("tiny")  # Hugging Face's own save of the fp32 model
+    M.save_pretrained(untrained, processor, str(tmp_path / "fp32"))
+    with safe_open(tmp_path / "run/final/model.safetensors", "pt") as bf16, \
+            safe_open(tmp_path / "fp32/model.safetensors", "pt") as fp32:
+        assert sorted(bf16.keys()) == sorted(fp32.keys())
+        assert {bf16.get_tensor(k).dtype for k in bf16.keys()} == {torch.bfloat16}
