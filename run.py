@@ -190,14 +190,16 @@ def catch_stop_signals():
     ask it to stop at the next step boundary, where every rank saves and exits together."""
     _SIGNAL["number"] = 0
     for signum in (signal.SIGTERM, signal.SIGINT):  # the handler only records the signal
-        _SIGNAL["handlers"][signum] = signal.signal(
-            signum, lambda number, frame: _SIGNAL.update(number=number))
+        old = signal.signal(signum, lambda number, frame: _SIGNAL.update(number=number))
+        _SIGNAL["handlers"].setdefault(signum, old)  # not ours, when a stopped run left it set
 
 
 def release_stop_signals():
-    """The handlers from before catch_stop_signals (a finished run in a longer process)."""
+    """The handlers from before catch_stop_signals (a finished run in a longer process), except
+    that the default action, killing the process, becomes "ignore": a SIGTERM while a finished
+    run's process winds down must not turn it into a failure (exit 143)."""
     for signum, handler in _SIGNAL["handlers"].items():
-        signal.signal(signum, handler)
+        signal.signal(signum, signal.SIG_IGN if handler == signal.SIG_DFL else handler)
     _SIGNAL["handlers"].clear()
 
 
@@ -626,9 +628,21 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
         raise SystemExit(128 + signum)
 
 
-def finish(args, run: Run, t0: float):
+def finish(args, run: Run, t0: float, model):
     """Point <output-dir>/final at the last checkpoint of the finished run, print the training
-    time and leave the process group cleanly."""
+    time and leave the process group cleanly. A run whose weights are not all finite, or whose
+    every update was skipped, gets no `final` and ends with an error instead."""
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    records = read_jsonl(metrics) if run.is_main and os.path.isfile(metrics) else []
+    failed = all_reduce(run, {  # under FSDP each rank checks its shards
+        "nonfinite": not all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                             for p in model.parameters()),
+        "all_skipped": bool(records) and all(r["skipped_update"] for r in records)}, op=dist.ReduceOp.MAX)
+    if failed["nonfinite"] or failed["all_skipped"]:
+        leave_job(run)
+        raise SystemExit(("the trained weights are not all finite" if failed["nonfinite"] else
+                          "every update of the run was skipped (non-finite gradient norms)") +
+                         f" (see {metrics}); no `final` link" if run.is_main else 1)
     saved = checkpoint_dirs(args.output_dir)
     if run.is_main and saved:
         link = os.path.join(args.output_dir, "final")
@@ -638,8 +652,7 @@ def finish(args, run: Run, t0: float):
         os.replace(link + ".tmp", link)  # atomic, also over the link of an earlier run
         print0(run, f"final model: {link} -> {saved[-1]}")
     print0(run, f"training time: {(time.time() - t0) / 60:.1f} min; outputs in {args.output_dir}")
-    release_stop_signals()
-    if run.world_size > 1:
-        dist.destroy_process_group()
+    leave_job(run)
+    release_stop_signals()  # last: until here a late SIGTERM is only recorded, and the run is done
 
 

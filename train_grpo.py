@@ -260,7 +260,7 @@ def main(argv=None):
         after = held_out_accuracy(args, run, model, processor, test_data, policy)
         print0(run, f"held-out accuracy: {100 * before:.1f}% before GRPO, {100 * after:.1f}% after")
     print0(run, f"metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
-    finish(args, run, t_start)
+    finish(args, run, t_start, model)
 
 
 def warm_start(args, run: Run, model, processor, policy, train_data, test_data, checkpoint: str | None):

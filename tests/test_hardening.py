@@ -254,6 +254,25 @@ def test_absurd_flag_values_stop_before_loading(script, flag, value, expected, t
     assert str(stop.value) == f"{flag} {value}: expected {expected}"
 
 
+def test_a_run_ending_with_non_finite_weights_or_no_update_exits_non_zero_without_final(tmp_path, monkeypatch):
+    # finite flags that still blow every weight up: the decay factor 1 - lr * wd overflows fp32
+    with pytest.raises(SystemExit) as stop:
+        T.main(GRPO + ["--max-steps", "1", "--lr", "1", "--weight-decay", "1e39",
+                       "--output-dir", str(tmp_path / "diverged")])
+    assert stop.value.code != 0 and "not all finite" in str(stop.value)
+    assert not os.path.lexists(tmp_path / "diverged/final")
+    original = T.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        return loss * float("nan"), stats
+    monkeypatch.setattr(T, "grpo_loss", nan_loss)
+    with pytest.raises(SystemExit) as stop:
+        T.main(GRPO + ["--max-steps", "2", "--output-dir", str(tmp_path / "skipped")])
+    assert stop.value.code != 0 and "every update of the run was skipped" in str(stop.value)
+    assert not os.path.lexists(tmp_path / "skipped/final")
+
+
 @pytest.mark.parametrize("how", ["torch", "safetensors"])
 def test_a_full_disk_is_one_line_naming_the_checkpoint_and_keeps_the_earlier_ones(how, tmp_path):
     done = cli("tests/full_disk.py", [how] + GRPO + ["--max-steps", "3", "--save-every", "1",
@@ -273,3 +292,11 @@ def test_bf16_checkpoints_store_the_tied_embedding_once(tmp_path):
             safe_open(tmp_path / "fp32/model.safetensors", "pt") as fp32:
         assert sorted(bf16.keys()) == sorted(fp32.keys())
         assert {bf16.get_tensor(k).dtype for k in bf16.keys()} == {torch.bfloat16}
+
+
+def test_sigterm_after_final_is_linked_keeps_the_finished_run_successful(tmp_path):
+    process = launch(ROOT / "train_grpo.py", GRPO + ["--max-steps", "1", "--output-dir", "run"], tmp_path)
+    wait_for(tmp_path / "run/final", process)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out[-3000:]
