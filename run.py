@@ -16,6 +16,7 @@ loops lives here, in the order a run meets it:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
@@ -42,7 +43,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DATASETS, PROMPT_SUFFIX, load_data, write_atomic
+from data import DATASETS, PROMPT_SUFFIX, load_data, read_json, write_atomic
 from model import GroupScorer, load_model, save_pretrained
 
 # Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
@@ -491,7 +492,8 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
     a("--seed", type=int, default=100, help="few-shot choice, candidate lists and sampling (authors: 100)")
     a("--precision", choices=["bf16", "fp32"], help="bf16: fp32 masters, bf16 math (default on GPU)")
     a("--output-dir", default="runs/latest", help="checkpoints, metrics.jsonl and args.json go here")
-    a("--resume", default=None, help="checkpoint directory to continue from, or 'latest' in --output-dir")
+    a("--resume", default=None, help="checkpoint directory to continue from, or 'latest': the newest "
+      "in --output-dir, or a fresh start when it has none (one command line for torchrun restarts)")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     a("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0: never)")
@@ -519,10 +521,12 @@ def start_run(args, script: str):
     run = join_job(args.device, args.dist_timeout)
     args.precision = args.precision or ("bf16" if run.device.type == "cuda" else "fp32")
     with one_line_errors(script):
-        prepare_output_dir(args, run)
         checkpoint = find_checkpoint(args)
         if checkpoint:
-            check_resume(args, checkpoint)
+            check_resume(args, checkpoint, run.world_size)
+        prepare_output_dir(args, run, checkpoint)
+    if args.resume == "latest" and not checkpoint:
+        print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
     if run.is_main:  # only now: a refused resume keeps the record of the run it would continue
         write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
     catch_stop_signals()
@@ -532,25 +536,70 @@ def start_run(args, script: str):
     return run, checkpoint, train_data, test_data, model, processor
 
 
-def prepare_output_dir(args, run: Run):
-    """A fresh run starts fresh logs and never mixes into another run's checkpoints. Every rank
-    checks (so all of them stop together on a bad folder); rank 0 alone writes."""
+def prepare_output_dir(args, run: Run, checkpoint: str | None):
+    """A fresh run (`checkpoint` None) starts fresh logs and never mixes into another run's
+    checkpoints; a fresh demo starts its folder over, if it holds nothing but a demo's outputs.
+    A resumed run's logs are cut back to the step it resumes from (a kill -9 may have logged
+    steps after the last checkpoint). Every rank checks (so all of them stop together on a bad
+    folder); rank 0 alone writes."""
     folder = args.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"--output-dir {folder} is a file; expected a folder")
-    if not args.resume and not getattr(args, "demo", False) and checkpoint_dirs(folder):
-        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run; "
-                              "pass --resume latest to continue it, or choose another --output-dir")
+    fresh_demo = getattr(args, "demo", False) and checkpoint is None
+    demo_outputs = earlier_demo_outputs(folder) if fresh_demo else []
+    runs = checkpoint_dirs(folder) + checkpoint_dirs(folder, "warm_start-") + \
+        (["warm_start"] if os.path.isdir(os.path.join(folder, "warm_start")) else [])
+    resumed_here = checkpoint and os.path.realpath(os.path.dirname(checkpoint)) == os.path.realpath(folder)
+    if runs and not fresh_demo and not resumed_here and not restarted_before_a_checkpoint(args, folder):
+        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
+                              f"({runs[-1]}); continue it with its flags (args.json) and --resume "
+                              "latest, or choose another --output-dir")
     if run.is_main:
-        if getattr(args, "demo", False) and not args.resume:  # the demo's folder is started over
-            shutil.rmtree(folder, ignore_errors=True)
+        for name in demo_outputs:
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"--output-dir {folder} is not writable")
-        for name in ("metrics.jsonl", "warm_start.jsonl"):
-            if not args.resume and os.path.exists(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
+        last = {"warm_start.jsonl": 0, "metrics.jsonl": 0}  # the last step each log keeps
+        if checkpoint:  # a warm start's checkpoint comes before any GRPO step
+            state = saved_state(checkpoint)
+            last = {"warm_start.jsonl": state["step"] if state["warm_start"] else math.inf,
+                    "metrics.jsonl": 0 if state["warm_start"] else state["step"]}
+        for name, step in last.items():
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                kept = [r for r in read_jsonl(path) if r["step"] <= step]
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     barrier(run)
+
+
+# What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
+DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "checkpoint-*",
+                "warm_start-*", "warm_start", "final", ".tmp-*")
+
+
+def earlier_demo_outputs(folder: str) -> list[str]:
+    """The files an earlier demo run left in `folder`, which a fresh demo deletes; anything else
+    there, or a folder whose args.json is not a demo's, is an error naming it."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
+            raise FileExistsError(f"--demo starts --output-dir {folder} over, but {os.path.join(folder, name)} "
+                                  "is not a demo's output; choose another --output-dir")
+    args_file = os.path.join(folder, "args.json")
+    if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
+        raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json of "
+                              "a demo run; choose another --output-dir")
+    return [name for name in names if name != "args.json"]  # replaced once the checks pass
+
+
+def restarted_before_a_checkpoint(args, folder: str) -> bool:
+    """`--resume latest` when the run in `folder` stopped after its warm start and before its
+    first checkpoint: the same run (its args.json has the same flags) starts again."""
+    args_file = os.path.join(folder, "args.json")
+    return args.resume == "latest" and os.path.isfile(args_file) and not trajectory_changes(
+        read_json(args_file), args)
 
 
 def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
@@ -561,29 +610,72 @@ def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
 
 def find_checkpoint(args) -> str | None:
     """The --resume folder: a path, or with 'latest' the newest checkpoint in --output-dir (a
-    GRPO run stopped during its warm start has only warm_start-* ones)."""
+    GRPO run stopped during its warm start has only warm_start-* ones), None when there is none
+    yet: then the run starts, so one command line serves a first start and every restart. A
+    damaged checkpoint is an error naming its file (and, for 'latest', the newest intact one)."""
     if not args.resume:
         return None
     if args.resume != "latest":
-        if not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
+        checkpoint = os.path.normpath(args.resume)  # a trailing slash names the same folder
+        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
             raise FileNotFoundError(f"--resume {args.resume}: no trainer_state.pt there; expected a "
                                     "checkpoint-* folder written by train_sft.py or train_grpo.py")
-        return args.resume
+        if damage := damaged_file(checkpoint):
+            raise ValueError(f"--resume {args.resume}: {damage}")
+        return checkpoint
     found = checkpoint_dirs(args.output_dir) or checkpoint_dirs(args.output_dir, "warm_start-")
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {args.output_dir}")
-    return os.path.join(args.output_dir, found[-1])
+    found = [os.path.join(args.output_dir, name) for name in found]
+    if found and (damage := damaged_file(found[-1])):
+        intact = [path for path in found[:-1] if not damaged_file(path)]
+        raise ValueError(f"--resume latest: {damage}; " + (
+            f"the newest intact checkpoint is {intact[-1]}: pass --resume {intact[-1]}" if intact
+            else "no earlier checkpoint is intact") + " (nothing was deleted)")
+    return found[-1] if found else None
 
 
-def check_resume(args, checkpoint: str):
+def damaged_file(checkpoint: str) -> str | None:
+    """'<file> is missing' or '<file> is damaged' for the first file of `checkpoint` that a
+    resume needs and could not read, None when all of them read."""
+    names = os.listdir(checkpoint)
+    index = "model.safetensors.index.json"  # the weights of a large model, in several files
+    for needed in ("trainer_state.pt", "config.json", index if index in names else "model.safetensors"):
+        if needed not in names:
+            return f"{os.path.join(checkpoint, needed)} is missing"
+    for name in sorted(names):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".pt"):
+                torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            elif name.endswith(".safetensors"):
+                with safe_open(path, "pt"):  # reads the header, which must cover the whole file
+                    pass
+            elif name.endswith(".json"):
+                read_json(path)
+        except Exception:  # noqa: BLE001 (whatever reading a damaged file raises)
+            return f"{path} is damaged (unreadable as a {os.path.splitext(name)[1]} file)"
+    return None
+
+
+def trajectory_changes(saved_args: dict, args) -> list[str]:
+    """The flags of `args` that would change the run trained with `saved_args` (all but
+    RESUME_MAY_CHANGE), as changed_flags words them."""
+    return changed_flags(saved_args, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
+
+
+def check_resume(args, checkpoint: str, world_size: int):
     """A resumed run continues the saved trajectory: any flag that would change it (model,
-    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with."""
-    saved = saved_state(checkpoint)["args"]
-    changed = changed_flags(saved, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
+    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and
+    so must the number of processes (each takes its own share of the global batch)."""
+    state = saved_state(checkpoint)
+    changed = trajectory_changes(state["args"], args)
     if changed:
         raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
                          f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
                          f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
+    if state.get("world_size", world_size) != world_size:
+        raise ValueError(f"--resume {checkpoint}: saved by a run of {state['world_size']} processes, "
+                         f"resumed with {world_size}: the global batch, and so the run, would change; "
+                         f"resume with {state['world_size']} processes")
 
 
 def load_train_test(args):
@@ -616,8 +708,8 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
     prefix = "warm_start-" if warm_start else "checkpoint-"
     if signum or (step == total and not warm_start) or (args.save_every and step % args.save_every == 0):
         path = os.path.join(args.output_dir, f"{prefix}{step:06d}")
-        save_checkpoint(path, run, model, processor, optimizer,
-                        {"step": step, "args": vars(args), "warm_start": warm_start}, args.precision)
+        save_checkpoint(path, run, model, processor, optimizer, {"step": step, "args": vars(args),
+                        "warm_start": warm_start, "world_size": run.world_size}, args.precision)
         if run.is_main:
             for name in checkpoint_dirs(args.output_dir, prefix)[:-args.keep_checkpoints]:
                 shutil.rmtree(os.path.join(args.output_dir, name))

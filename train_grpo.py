@@ -182,7 +182,8 @@ def main(argv=None):
     policy, optimizer = prepare_training(args, run, model)
     if args.warm_start_steps and not resuming_grpo:
         warm_start(args, run, model, processor, policy, train_data, test_data, checkpoint)
-    reference = load_reference(args, run, checkpoint)
+    # the reference lies beside a GRPO checkpoint; a warm start just run saved it in --output-dir
+    reference = load_reference(args, run, checkpoint if resuming_grpo else None)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if resuming_grpo else 0
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A, G, mu = args.batch_size, args.grad_accum, args.num_generations, args.num_iterations

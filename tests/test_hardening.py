@@ -35,6 +35,7 @@ def cli(script, args, tmp_path, timeout=120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+# a tqdm progress bar: "desc:  67%|######    | 2/3 [00:00<00:00, 3.36it/s, postfix]"
 PROGRESS_BAR = re.compile(r"^[^|]*\|[^|]*\| *\d+/\d+ \[[^\]]*\]")
 
 
@@ -233,6 +234,100 @@ def test_no_file_cites_what_the_repository_does_not_ship():
 # Output folders, resume, restarts, corrupt and absurd input: one test per way a run could lose
 # the user's files, silently continue another run, or end 0 with a broken result.
 
+def folder_listing(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def stop_warm_start_at_step_1(monkeypatch):
+    """A SIGTERM to this process in the warm start's first step: it saves warm_start-000001."""
+    original, calls = S.sft_batch, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(S, "sft_batch", signalled)
+
+
+def test_demo_starts_over_only_a_folder_of_demo_outputs(tmp_path):
+    user = tmp_path / "thesis"
+    (user / "src").mkdir(parents=True)
+    (user / "results.csv").write_text("1\n")
+    (user / "src/thesis.py").write_text("")
+    before = folder_listing(user)
+    demo = ["--demo", "--dataset", "eurosat", "--data-root", "/nonexistent"]  # stops at the data
+    assert "results.csv" in one_line_error(cli("train_grpo.py", demo + ["--output-dir", "."], user))
+    assert folder_listing(user) == before
+    # another run's folder, though every name in it is one a demo writes
+    other = tmp_path / "other"
+    (other / "checkpoint-000001").mkdir(parents=True)
+    (other / "args.json").write_text(json.dumps({"demo": False}))
+    with pytest.raises(SystemExit, match="args.json of a demo run"):
+        T.main(demo + ["--output-dir", str(other)])
+    assert folder_listing(other) == ["args.json", "checkpoint-000001"]
+    # an earlier demo's outputs, and the leftovers of its interrupted saves, are deleted
+    earlier = tmp_path / "demo"
+    for folder in ("checkpoint-000003", "checkpoint-000004.tmp", "warm_start", "warm_start-000002"):
+        (earlier / folder).mkdir(parents=True)
+        (earlier / folder / "model.safetensors").write_text("")
+    for name in ("metrics.jsonl", "warm_start.jsonl", "fewshot.json", ".tmp-x1y2"):
+        (earlier / name).write_text("")
+    (earlier / "args.json").write_text(json.dumps({"demo": True}))
+    os.symlink("checkpoint-000003", earlier / "final")
+    with pytest.raises(SystemExit, match="eurosat"):
+        T.main(demo + ["--output-dir", str(earlier)])
+    assert folder_listing(earlier) == ["args.json"]
+    assert json.loads((earlier / "args.json").read_text())["dataset"] == "eurosat"
+
+
+def test_resume_with_another_number_of_processes_is_refused_naming_both(tmp_path):
+    args = GRPO + ["--max-steps", "2", "--save-every", "1", "--output-dir", str(tmp_path / "run")]
+    T.main(args)
+    process = launch(ROOT / "train_grpo.py", args + ["--resume", "latest"], tmp_path, nproc=2)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, out[-3000:]
+    assert "saved by a run of 1 processes, resumed with 2" in out, out[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_torchrun_restart_after_a_sigkill_continues_to_the_uninterrupted_weights(tmp_path):
+    # the README's command line, for the first start and the restart alike (--resume latest)
+    args = GRPO + ["--max-steps", "4", "--save-every", "2", "--resume", "latest"]
+    run_script(ROOT / "train_grpo.py", args + ["--output-dir", "straight"], tmp_path, nproc=2)
+    restarts = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--max-restarts=1", "--monitor-interval=0.1", str(ROOT / "tests/kill_rank1.py")]
+    done = subprocess.run(restarts + args + ["--output-dir", "cut"], cwd=tmp_path, text=True, timeout=400,
+                          env={**env(tmp_path), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, capture_output=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "exitcode: -9" in done.stderr and done.stdout.count("GRPO (no-think) on demo") == 2
+    assert "no checkpoint in cut yet; starting the run" in done.stdout  # the first start
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert max_difference(weights(tmp_path / "cut/final"), weights(tmp_path / "straight/final")) == 0
+
+
+def test_resume_of_a_warm_start_with_a_trailing_slash_or_into_another_folder(tmp_path, monkeypatch):
+    args = GRPO + ["--max-steps", "2", "--warm-start-steps", "2", "--warm-start-lr", "1e-3", "--lr", "1e-3"]
+    T.main(args + ["--save-every", "1", "--output-dir", str(tmp_path / "straight")])
+    with monkeypatch.context() as patch:
+        stop_warm_start_at_step_1(patch)
+        with pytest.raises(SystemExit) as stop:
+            T.main(args + ["--output-dir", str(tmp_path / "a")])
+    assert stop.value.code == 128 + signal.SIGTERM
+    # an old warm start of run a, which must not become the reference of a run continued in b
+    untrained, processor = M.load_model("tiny")
+    M.save_pretrained(untrained, processor, str(tmp_path / "a/warm_start"))
+    T.main(args + ["--resume", str(tmp_path / "a/warm_start-000001"), "--output-dir", str(tmp_path / "b")])
+    T.main(args + ["--resume", str(tmp_path / "a/warm_start-000001") + "/", "--output-dir", str(tmp_path / "a")])
+    # a GRPO checkpoint of a warm-started run: the reference is that run's warm start
+    T.main(args + ["--resume", str(tmp_path / "straight/checkpoint-000001") + "/",
+                   "--output-dir", str(tmp_path / "c")])
+    straight = weights(tmp_path / "straight/final")
+    for run in ("a", "b", "c"):
+        assert max_difference(weights(tmp_path / run / "final"), straight) == 0, run
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2]
+
+
 def test_warm_start_lr_defaults_to_sfts_and_the_demo_keeps_its_own():
     assert T.parse_args(["--model", "tiny", "--warm-start-steps", "10"]).warm_start_lr == 1e-5
     assert T.parse_args([]).warm_start_lr == T.parse_args(["--demo"]).warm_start_lr == 3e-3
@@ -282,6 +377,66 @@ def test_a_full_disk_is_one_line_naming_the_checkpoint_and_keeps_the_earlier_one
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-000001"]
     assert R.saved_state(str(tmp_path / "run/checkpoint-000001"))["step"] == 1
     weights(tmp_path / "run/checkpoint-000001")  # loads
+
+
+def test_a_damaged_checkpoint_is_named_and_latest_names_the_newest_intact_one(tmp_path):
+    args = GRPO + ["--max-steps", "2", "--save-every", "1", "--output-dir", str(tmp_path / "run")]
+    T.main(args)
+    newest, intact = tmp_path / "run/checkpoint-000002", str(tmp_path / "run/checkpoint-000001")
+    damages = {"truncated": lambda data: data[:len(data) // 2], "zeroed": lambda data: bytes(len(data)),
+               "random": lambda data: os.urandom(len(data)), "missing": None}
+    for name in ("trainer_state.pt", "model.safetensors", "config.json"):
+        original = (newest / name).read_bytes()
+        for how, damage in damages.items():
+            if damage:
+                (newest / name).write_bytes(damage(original))
+            else:
+                (newest / name).unlink()
+            before = folder_listing(tmp_path / "run")
+            with pytest.raises(SystemExit) as stop:
+                T.main(args + ["--resume", "latest"])
+            assert f"{newest / name} is {'missing' if how == 'missing' else 'damaged'}" in str(stop.value)
+            assert f"pass --resume {intact}" in str(stop.value), str(stop.value)
+            with pytest.raises(SystemExit) as stop:
+                T.main(args + ["--resume", str(newest)])
+            assert f"{newest}" in str(stop.value) and name in str(stop.value), (name, how)
+            assert folder_listing(tmp_path / "run") == before  # nothing deleted
+            (newest / name).write_bytes(original)
+    (newest / "trainer_state.pt").write_bytes(b"\0" * 100)
+    message = one_line_error(cli("train_grpo.py", args + ["--resume", "latest"], tmp_path))
+    assert "checkpoint-000002/trainer_state.pt is damaged" in message, message
+    # a local folder that is no model is not a matter of hub ids or network access
+    (newest / "model.safetensors").unlink()
+    message = one_line_error(cli("train_grpo.py", GRPO + ["--model", str(newest)], tmp_path))
+    assert str(newest) in message and "hub" not in message and "network" not in message, message
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_stopped_warm_start(tmp_path):
+    for leftover in ("warm_start-000002", "warm_start"):
+        (tmp_path / leftover / leftover).mkdir(parents=True)
+        with pytest.raises(SystemExit, match=f"already holds checkpoints of another run \\({leftover}\\)"):
+            T.main(GRPO + ["--max-steps", "1", "--output-dir", str(tmp_path / leftover)])
+        assert folder_listing(tmp_path / leftover) == [leftover]
+
+
+def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, monkeypatch):
+    # killed (-9) after logging step 3, before checkpointing it: the newest checkpoint is step 2
+    args = GRPO + ["--max-steps", "3", "--save-every", "2", "--output-dir", str(tmp_path / "run")]
+    T.main(args)
+    shutil.rmtree(tmp_path / "run/checkpoint-000003")
+    os.remove(tmp_path / "run/final")
+    T.main(args + ["--resume", "latest"])
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    # the same in a warm start: stopped after step 1, then a record of step 2 logged by a kill -9
+    args = GRPO + ["--max-steps", "1", "--warm-start-steps", "2", "--output-dir", str(tmp_path / "warm")]
+    with monkeypatch.context() as patch:
+        stop_warm_start_at_step_1(patch)
+        with pytest.raises(SystemExit):
+            T.main(args)
+    log = tmp_path / "warm/warm_start.jsonl"
+    log.write_text(log.read_text() + log.read_text().replace('"step": 1', '"step": 2'))
+    T.main(args + ["--resume", "latest"])
+    assert [r["step"] for r in metrics(tmp_path / "warm", "warm_start.jsonl")] == [1, 2]
 
 
 def test_bf16_checkpoints_store_the_tied_embedding_once(tmp_path):
