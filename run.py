@@ -549,7 +549,8 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
     demo_outputs = earlier_demo_outputs(folder) if fresh_demo else []
     runs = checkpoint_dirs(folder) + checkpoint_dirs(folder, "warm_start-") + \
         (["warm_start"] if os.path.isdir(os.path.join(folder, "warm_start")) else [])
-    resumed_here = checkpoint and os.path.realpath(os.path.dirname(checkpoint)) == os.path.realpath(folder)
+    resumed_here = checkpoint and (os.path.realpath(os.path.dirname(checkpoint))
+                                   == os.path.realpath(folder))
     if runs and not fresh_demo and not resumed_here and not restarted_before_a_checkpoint(args, folder):
         raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
                               f"({runs[-1]}); continue it with its flags (args.json) and --resume "
@@ -557,7 +558,10 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
     if run.is_main:
         for name in demo_outputs:
             path = os.path.join(folder, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"--output-dir {folder} is not writable")
@@ -585,8 +589,9 @@ def earlier_demo_outputs(folder: str) -> list[str]:
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     for name in names:
         if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
-            raise FileExistsError(f"--demo starts --output-dir {folder} over, but {os.path.join(folder, name)} "
-                                  "is not a demo's output; choose another --output-dir")
+            raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
+                                  f"{os.path.join(folder, name)} is not a demo's output; choose "
+                                  "another --output-dir")
     args_file = os.path.join(folder, "args.json")
     if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
         raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json of "
