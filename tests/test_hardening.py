@@ -417,6 +417,16 @@ def test_a_fresh_run_refuses_a_folder_holding_a_stopped_warm_start(tmp_path):
         with pytest.raises(SystemExit, match=f"already holds checkpoints of another run \\({leftover}\\)"):
             T.main(GRPO + ["--max-steps", "1", "--output-dir", str(tmp_path / leftover)])
         assert folder_listing(tmp_path / leftover) == [leftover]
+    # killed after its warm start, before GRPO's first checkpoint: a restart of the same run
+    # (--resume latest, the same flags) starts it again; another run's is refused
+    args = GRPO + ["--max-steps", "1", "--warm-start-steps", "1", "--output-dir", str(tmp_path / "run")]
+    T.main(args)
+    shutil.rmtree(tmp_path / "run/checkpoint-000001")
+    os.remove(tmp_path / "run/final")
+    with pytest.raises(SystemExit, match="another run \\(warm_start\\)"):
+        T.main(args + ["--resume", "latest", "--lr", "1e-3"])
+    T.main(args + ["--resume", "latest"])
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1]
 
 
 def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, monkeypatch):
