@@ -36,7 +36,8 @@ from data import (DATASETS, SETTINGS, ClassificationData, ImageError, load_data,
                   make_question, read_json, write_atomic)
 from model import Processor, build_prompts, load_model, sample_groups
 from run import (Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags, compute_context,
-                 full_weights, join_job, one_line_errors, print0, read_jsonl, saved_state)
+                 full_weights, join_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
+                 saved_state)
 
 # evaluation prompt name -> the training method whose suffix it uses
 PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "think-after-answer",
@@ -309,7 +310,7 @@ def parse_eval_args(argv):
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
     args = parser.parse_args(argv)
     check_flags(args, at_least={"batch_size": 1, "max_new_tokens": 1, "image_size": 1, "limit": 1},
-                  above={"dist_timeout": 0})
+                above={"dist_timeout": 0}, at_most={"image_size": MAX_IMAGE_SIZE})
     return args
 
 

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen2-VL's special tokens, in the order (and so with the relative ids) the real tokenizer has.
@@ -195,9 +196,10 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
             except ImportError:  # transformers 5.17 without torchvision has no PIL fallback;
                 # Qwen2-VL and Qwen2.5-VL share this image processor
                 image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
-        except (OSError, ValueError) as error:
-            raise OSError(f"--model {name}: could not load a Qwen2-VL / Qwen2.5-VL model from it "
-                          f"(a hub id needs network access or a cached copy): {error}") from error
+        except (OSError, ValueError, SafetensorError) as error:
+            hub = "" if os.path.isdir(name) else " (a hub id needs network access or a cached copy)"
+            raise OSError(f"--model {name}: could not load a Qwen2-VL / Qwen2.5-VL model from it"
+                          f"{hub}: {error}") from error
     model.eval()
     return model, Processor.from_parts(tokenizer, image_processor, model.config.text_config.vocab_size)
 

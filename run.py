@@ -16,6 +16,7 @@ loops lives here, in the order a run meets it:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -40,12 +43,19 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DATASETS, PROMPT_SUFFIX, load_data, write_atomic
+from data import DATASETS, PROMPT_SUFFIX, load_data, read_json, write_atomic
 from model import GroupScorer, adapters, add_adapters, load_model, merged_state_dict, save_pretrained
 
 # Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "eval_every",
                      "eval_limit", "eval_batch_size", "device", "dist_timeout", "demo"}
+# The largest --image-size: the Qwen2-VL and Qwen2.5-VL processors shrink any image of more than
+# 12,845,056 pixels (3584 x 3584, their max_pixels: 16384 visual tokens) back under it, so a
+# larger resize only costs time and memory (at 100000 px, tens of GB in PIL before any error).
+MAX_IMAGE_SIZE = 3584
+# What writing a checkpoint raises on a full disk: the OS, safetensors, torch.save ("unexpected
+# pos"), torch.distributed.checkpoint (every rank, when any rank's write failed).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 
 # ----------------------------------------------------------------------------- processes
 
@@ -83,6 +93,15 @@ def print0(run: Run, *args, **kwargs):
 def barrier(run: Run):
     if run.world_size > 1:
         dist.barrier()
+
+
+def leave_job(run: Run):
+    """Destroy the process group, after a barrier: under gloo a rank that destroys it right after
+    a collective can deadlock (the group's destructor waits, holding Python's lock, for a worker
+    thread that needs that lock to free the collective's tensors)."""
+    if run.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce(run: Run, values: dict, op=dist.ReduceOp.SUM) -> dict:
@@ -129,15 +148,19 @@ def append_jsonl(path: str, records: list[dict]) -> None:
 def check_flags(args, at_least: dict | None = None, above: dict | None = None,
                 at_most: dict | None = None) -> None:
     """Stop with one line naming the flag, its value and what was expected, before anything is
-    loaded. Flags whose value is None (not given, no default) are not checked.
+    loaded: every float flag finite, and the given bounds. Flags whose value is None (not given,
+    no default) are not checked.
     >>> check_flags(argparse.Namespace(batch_size=0, lr=1e-6), at_least={"batch_size": 1})
     Traceback (most recent call last):
     SystemExit: --batch-size 0: expected at least 1
     """
+    for name, value in vars(args).items():  # inf would pass every lower bound
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: expected a finite number")
     tests = {"at least": float.__ge__, "more than": float.__gt__, "at most": float.__le__}
     for words, bounds in zip(tests, (at_least or {}, above or {}, at_most or {})):
         for name, bound in bounds.items():
-            value = getattr(args, name)  # NaN fails every comparison
+            value = getattr(args, name)
             if value is not None and not tests[words](float(value), float(bound)):
                 raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
 
@@ -168,14 +191,16 @@ def catch_stop_signals():
     ask it to stop at the next step boundary, where every rank saves and exits together."""
     _SIGNAL["number"] = 0
     for signum in (signal.SIGTERM, signal.SIGINT):  # the handler only records the signal
-        _SIGNAL["handlers"][signum] = signal.signal(
-            signum, lambda number, frame: _SIGNAL.update(number=number))
+        old = signal.signal(signum, lambda number, frame: _SIGNAL.update(number=number))
+        _SIGNAL["handlers"].setdefault(signum, old)  # not ours, when a stopped run left it set
 
 
 def release_stop_signals():
-    """The handlers from before catch_stop_signals (a finished run in a longer process)."""
+    """The handlers from before catch_stop_signals (a finished run in a longer process), except
+    that the default action, killing the process, becomes "ignore": a SIGTERM while a finished
+    run's process winds down must not turn it into a failure (exit 143)."""
     for signum, handler in _SIGNAL["handlers"].items():
-        signal.signal(signum, handler)
+        signal.signal(signum, signal.SIG_IGN if handler == signal.SIG_DFL else handler)
     _SIGNAL["handlers"].clear()
 
 
@@ -351,16 +376,19 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     never re-rounds them: the masters, or the adapters) and one RNG file per rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
     the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
     every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
-    and renamed: a crash mid-save never leaves a half checkpoint."""
+    and renamed: a crash mid-save never leaves a half checkpoint. A write that fails (a full
+    disk) on any rank ends every rank with one line naming the checkpoint; path.tmp is removed
+    and the earlier checkpoints are left as they were."""
     tmp = path + ".tmp"
     fsdp = sharded(model)
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save cut short
+    barrier(run)
+    weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
+    error = None  # this rank's failed write: it still takes part in every collective below
     try:
-        if run.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier(run)
+        os.makedirs(tmp, exist_ok=True)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
-        weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
         if run.is_main:
             if fsdp:
                 state = {**state, "sharded_optimizer": bool(optimizer.state)}
@@ -370,18 +398,33 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
                 state = {**state, "master_weights": {
                     name: p.detach() for name, p in model.named_parameters() if p.requires_grad}}
             if precision == "bf16":
-                weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
+                # one bf16 tensor per storage: the tied embedding / output weight is saved once
+                cast = {}
+                for value in weights.values():
+                    if value.is_floating_point() and value.data_ptr() not in cast:
+                        cast[value.data_ptr()] = value.bfloat16()
+                weights = {k: cast.get(v.data_ptr(), v) for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        if fsdp:
+    except WRITE_ERRORS as err:
+        error = err
+    if fsdp:
+        try:
             dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
                      checkpoint_id=os.path.join(tmp, "sharded"))
-        barrier(run)  # every rank's files are in before the rename
+        except WRITE_ERRORS as err:
+            error = error or err
+    # instead of a barrier: every rank's files are in, or every rank learns that one failed
+    if all_reduce(run, {"failed": error is not None}, op=dist.ReduceOp.MAX)["failed"]:
         if run.is_main:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    except OSError as err:  # a full disk: say which checkpoint could not be written
-        raise OSError(f"could not write checkpoint {path}: {err}") from err
+            shutil.rmtree(tmp, ignore_errors=True)
+        leave_job(run)
+        reason = next((line for line in str(error).splitlines() if line.strip()), "") if error else ""
+        raise SystemExit(f"could not write checkpoint {path} ({type(error).__name__}: {reason}); "
+                         "the earlier checkpoints are intact" if error else 1)
+    if run.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
     barrier(run)
 
 
@@ -491,7 +534,8 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
     a("--seed", type=int, default=100, help="few-shot choice, candidate lists and sampling (authors: 100)")
     a("--precision", choices=["bf16", "fp32"], help="bf16: fp32 masters, bf16 math (default on GPU)")
     a("--output-dir", default="runs/latest", help="checkpoints, metrics.jsonl and args.json go here")
-    a("--resume", default=None, help="checkpoint directory to continue from, or 'latest' in --output-dir")
+    a("--resume", default=None, help="checkpoint directory to continue from, or 'latest': the newest "
+      "in --output-dir, or a fresh start when it has none (one command line for torchrun restarts)")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     a("--eval-every", type=int, default=0, help="held-out accuracy at step 0 and every N steps (0: never)")
@@ -517,7 +561,7 @@ def start_run(args, script: str):
     check_flags(args, above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0), at_least=dict(
         batch_size=1, grad_accum=1, image_size=1, shots=1, max_steps=1, max_new_tokens=1, save_every=0,
         keep_checkpoints=1, eval_every=0, eval_limit=1, eval_batch_size=1, weight_decay=0, lora_rank=0),
-        at_most=dict(lora_rank=4096))
+        at_most=dict(image_size=MAX_IMAGE_SIZE, lora_rank=4096))
     if args.fsdp and "RANK" not in os.environ:
         raise SystemExit("--fsdp: shards over the processes of a torchrun job; launch with torchrun "
                          "(--nproc_per_node 1 works too)")
@@ -528,10 +572,12 @@ def start_run(args, script: str):
     run = join_job(args.device, args.dist_timeout)
     args.precision = args.precision or ("bf16" if run.device.type == "cuda" else "fp32")
     with one_line_errors(script):
-        prepare_output_dir(args, run)
         checkpoint = find_checkpoint(args)
         if checkpoint:
-            check_resume(args, checkpoint)
+            check_resume(args, checkpoint, run.world_size)
+        prepare_output_dir(args, run, checkpoint)
+    if args.resume == "latest" and not checkpoint:
+        print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
     if run.is_main:  # only now: a refused resume keeps the record of the run it would continue
         write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
     catch_stop_signals()
@@ -555,25 +601,75 @@ def start_weights(args, checkpoint: str | None) -> str:
     return args.model
 
 
-def prepare_output_dir(args, run: Run):
-    """A fresh run starts fresh logs and never mixes into another run's checkpoints. Every rank
-    checks (so all of them stop together on a bad folder); rank 0 alone writes."""
+def prepare_output_dir(args, run: Run, checkpoint: str | None):
+    """A fresh run (`checkpoint` None) starts fresh logs and never mixes into another run's
+    checkpoints; a fresh demo starts its folder over, if it holds nothing but a demo's outputs.
+    A resumed run's logs are cut back to the step it resumes from (a kill -9 may have logged
+    steps after the last checkpoint). Every rank checks (so all of them stop together on a bad
+    folder); rank 0 alone writes."""
     folder = args.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"--output-dir {folder} is a file; expected a folder")
-    if not args.resume and not getattr(args, "demo", False) and checkpoint_dirs(folder):
-        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run; "
-                              "pass --resume latest to continue it, or choose another --output-dir")
+    fresh_demo = getattr(args, "demo", False) and checkpoint is None
+    demo_outputs = earlier_demo_outputs(folder) if fresh_demo else []
+    runs = checkpoint_dirs(folder) + checkpoint_dirs(folder, "warm_start-") + \
+        (["warm_start"] if os.path.isdir(os.path.join(folder, "warm_start")) else [])
+    resumed_here = checkpoint and (os.path.realpath(os.path.dirname(checkpoint))
+                                   == os.path.realpath(folder))
+    if runs and not fresh_demo and not resumed_here and not restarted_before_a_checkpoint(args, folder):
+        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
+                              f"({runs[-1]}); continue it with its flags (args.json) and --resume "
+                              "latest, or choose another --output-dir")
     if run.is_main:
-        if getattr(args, "demo", False) and not args.resume:  # the demo's folder is started over
-            shutil.rmtree(folder, ignore_errors=True)
+        for name in demo_outputs:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"--output-dir {folder} is not writable")
-        for name in ("metrics.jsonl", "warm_start.jsonl"):
-            if not args.resume and os.path.exists(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
+        last = {"warm_start.jsonl": 0, "metrics.jsonl": 0}  # the last step each log keeps
+        if checkpoint:  # a warm start's checkpoint comes before any GRPO step
+            state = saved_state(checkpoint)
+            last = {"warm_start.jsonl": state["step"] if state["warm_start"] else math.inf,
+                    "metrics.jsonl": 0 if state["warm_start"] else state["step"]}
+        for name, step in last.items():
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                kept = [r for r in read_jsonl(path) if r["step"] <= step]
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     barrier(run)
+
+
+# What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
+DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "checkpoint-*",
+                "warm_start-*", "warm_start", "final", ".tmp-*")
+
+
+def earlier_demo_outputs(folder: str) -> list[str]:
+    """The files an earlier demo run left in `folder`, which a fresh demo deletes; anything else
+    there, or a folder whose args.json is not a demo's, is an error naming it."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
+            raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
+                                  f"{os.path.join(folder, name)} is not a demo's output; choose "
+                                  "another --output-dir")
+    args_file = os.path.join(folder, "args.json")
+    if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
+        raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json of "
+                              "a demo run; choose another --output-dir")
+    return [name for name in names if name != "args.json"]  # replaced once the checks pass
+
+
+def restarted_before_a_checkpoint(args, folder: str) -> bool:
+    """`--resume latest` when the run in `folder` stopped after its warm start and before its
+    first checkpoint: the same run (its args.json has the same flags) starts again."""
+    args_file = os.path.join(folder, "args.json")
+    return args.resume == "latest" and os.path.isfile(args_file) and not trajectory_changes(
+        read_json(args_file), args)
 
 
 def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
@@ -584,29 +680,72 @@ def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
 
 def find_checkpoint(args) -> str | None:
     """The --resume folder: a path, or with 'latest' the newest checkpoint in --output-dir (a
-    GRPO run stopped during its warm start has only warm_start-* ones)."""
+    GRPO run stopped during its warm start has only warm_start-* ones), None when there is none
+    yet: then the run starts, so one command line serves a first start and every restart. A
+    damaged checkpoint is an error naming its file (and, for 'latest', the newest intact one)."""
     if not args.resume:
         return None
     if args.resume != "latest":
-        if not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
+        checkpoint = os.path.normpath(args.resume)  # a trailing slash names the same folder
+        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
             raise FileNotFoundError(f"--resume {args.resume}: no trainer_state.pt there; expected a "
                                     "checkpoint-* folder written by train_sft.py or train_grpo.py")
-        return args.resume
+        if damage := damaged_file(checkpoint):
+            raise ValueError(f"--resume {args.resume}: {damage}")
+        return checkpoint
     found = checkpoint_dirs(args.output_dir) or checkpoint_dirs(args.output_dir, "warm_start-")
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {args.output_dir}")
-    return os.path.join(args.output_dir, found[-1])
+    found = [os.path.join(args.output_dir, name) for name in found]
+    if found and (damage := damaged_file(found[-1])):
+        intact = [path for path in found[:-1] if not damaged_file(path)]
+        raise ValueError(f"--resume latest: {damage}; " + (
+            f"the newest intact checkpoint is {intact[-1]}: pass --resume {intact[-1]}" if intact
+            else "no earlier checkpoint is intact") + " (nothing was deleted)")
+    return found[-1] if found else None
 
 
-def check_resume(args, checkpoint: str):
+def damaged_file(checkpoint: str) -> str | None:
+    """'<file> is missing' or '<file> is damaged' for the first file of `checkpoint` that a
+    resume needs and could not read, None when all of them read."""
+    names = os.listdir(checkpoint)
+    index = "model.safetensors.index.json"  # the weights of a large model, in several files
+    for needed in ("trainer_state.pt", "config.json", index if index in names else "model.safetensors"):
+        if needed not in names:
+            return f"{os.path.join(checkpoint, needed)} is missing"
+    for name in sorted(names):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".pt"):
+                torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            elif name.endswith(".safetensors"):
+                with safe_open(path, "pt"):  # reads the header, which must cover the whole file
+                    pass
+            elif name.endswith(".json"):
+                read_json(path)
+        except Exception:  # noqa: BLE001 (whatever reading a damaged file raises)
+            return f"{path} is damaged (unreadable as a {os.path.splitext(name)[1]} file)"
+    return None
+
+
+def trajectory_changes(saved_args: dict, args) -> list[str]:
+    """The flags of `args` that would change the run trained with `saved_args` (all but
+    RESUME_MAY_CHANGE), as changed_flags words them."""
+    return changed_flags(saved_args, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
+
+
+def check_resume(args, checkpoint: str, world_size: int):
     """A resumed run continues the saved trajectory: any flag that would change it (model,
-    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with."""
-    saved = saved_state(checkpoint)["args"]
-    changed = changed_flags(saved, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
+    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and
+    so must the number of processes (each takes its own share of the global batch)."""
+    state = saved_state(checkpoint)
+    changed = trajectory_changes(state["args"], args)
     if changed:
         raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
                          f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
                          f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
+    if state.get("world_size", world_size) != world_size:
+        raise ValueError(f"--resume {checkpoint}: saved by a run of {state['world_size']} processes, "
+                         f"resumed with {world_size}: the global batch, and so the run, would change; "
+                         f"resume with {state['world_size']} processes")
 
 
 def load_train_test(args):
@@ -639,22 +778,33 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
     prefix = "warm_start-" if warm_start else "checkpoint-"
     if signum or (step == total and not warm_start) or (args.save_every and step % args.save_every == 0):
         path = os.path.join(args.output_dir, f"{prefix}{step:06d}")
-        save_checkpoint(path, run, model, processor, optimizer,
-                        {"step": step, "args": vars(args), "warm_start": warm_start}, args.precision)
+        save_checkpoint(path, run, model, processor, optimizer, {"step": step, "args": vars(args),
+                        "warm_start": warm_start, "world_size": run.world_size}, args.precision)
         if run.is_main:
             for name in checkpoint_dirs(args.output_dir, prefix)[:-args.keep_checkpoints]:
                 shutil.rmtree(os.path.join(args.output_dir, name))
     if signum:
         print0(run, f"{signal.Signals(signum).name}: saved {prefix}{step:06d} and stopped; "
                     "continue with --resume latest")
-        if run.world_size > 1:
-            dist.destroy_process_group()
+        leave_job(run)
         raise SystemExit(128 + signum)
 
 
-def finish(args, run: Run, t0: float):
+def finish(args, run: Run, t0: float, model):
     """Point <output-dir>/final at the last checkpoint of the finished run, print the training
-    time and leave the process group cleanly."""
+    time and leave the process group cleanly. A run whose weights are not all finite, or whose
+    every update was skipped, gets no `final` and ends with an error instead."""
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    records = read_jsonl(metrics) if run.is_main and os.path.isfile(metrics) else []
+    failed = all_reduce(run, {  # under FSDP each rank checks its shards
+        "nonfinite": not all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                             for p in model.parameters()),
+        "all_skipped": bool(records) and all(r["skipped_update"] for r in records)}, op=dist.ReduceOp.MAX)
+    if failed["nonfinite"] or failed["all_skipped"]:
+        leave_job(run)
+        raise SystemExit(("the trained weights are not all finite" if failed["nonfinite"] else
+                          "every update of the run was skipped (non-finite gradient norms)") +
+                         f" (see {metrics}); no `final` link" if run.is_main else 1)
     saved = checkpoint_dirs(args.output_dir)
     if run.is_main and saved:
         link = os.path.join(args.output_dir, "final")
@@ -664,8 +814,7 @@ def finish(args, run: Run, t0: float):
         os.replace(link + ".tmp", link)  # atomic, also over the link of an earlier run
         print0(run, f"final model: {link} -> {saved[-1]}")
     print0(run, f"training time: {(time.time() - t0) / 60:.1f} min; outputs in {args.output_dir}")
-    release_stop_signals()
-    if run.world_size > 1:
-        dist.destroy_process_group()
+    leave_job(run)
+    release_stop_signals()  # last: until here a late SIGTERM is only recorded, and the run is done
 
 

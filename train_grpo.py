@@ -62,8 +62,8 @@ from train_sft import fit
 EPOCHS = {"imagenet": 10, "sun397": 25, "eurosat": 100}
 DEFAULT_EPOCHS = 50
 DEMO_ARGS = ("--model tiny --dataset demo --method no-think --image-size 112 --shots 16 "
-             "--warm-start-steps 40 --lr 1e-3 --beta 0.04 --num-generations 8 --batch-size 4 "
-             "--grad-accum 2 --max-new-tokens 8 --max-steps 100 --eval-every 25 "
+             "--warm-start-steps 40 --warm-start-lr 3e-3 --lr 1e-3 --beta 0.04 --num-generations 8 "
+             "--batch-size 4 --grad-accum 2 --max-new-tokens 8 --max-steps 100 --eval-every 25 "
              "--output-dir runs/demo --device cpu --demo").split()
 
 
@@ -81,7 +81,8 @@ def parse_args(argv=None):
     a("--loss-norm", default="sequence", choices=["sequence", "token"],
       help="sequence: per-completion token mean, then their mean (paper); token: over all tokens")
     a("--warm-start-steps", type=int, default=0, help="SFT steps before GRPO (the demo: so rewards vary)")
-    a("--warm-start-lr", type=float, default=3e-3, help="constant learning rate of the warm start")
+    a("--warm-start-lr", type=float, default=1e-5, help="constant learning rate of the warm start "
+      "(SFT's default; the demo's random tiny model: 3e-3)")
     a("--demo", action="store_true", help="the offline demo (no arguments); other flags change it")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or "--demo" in argv:  # the demo's settings first: flags given with it override them
@@ -184,7 +185,8 @@ def main(argv=None):
     policy, optimizer = prepare_training(args, run, model)
     if args.warm_start_steps and not resuming_grpo:
         warm_start(args, run, model, processor, policy, train_data, test_data, checkpoint)
-    reference = load_reference(args, run, model, checkpoint)
+    # the reference lies beside a GRPO checkpoint; a warm start just run saved it in --output-dir
+    reference = load_reference(args, run, model, checkpoint if resuming_grpo else None)
     start_step = load_checkpoint(checkpoint, run, model, optimizer)["step"] if resuming_grpo else 0
     total = total_steps(args, len(train_data.examples), run.world_size)
     B, A, G, mu = args.batch_size, args.grad_accum, args.num_generations, args.num_iterations
@@ -267,7 +269,7 @@ def main(argv=None):
         print0(run, "held-out accuracy: " + ("" if before is None else f"{100 * before:.1f}% before "
                     "GRPO, ") + f"{100 * after:.1f}% after")  # before: None on a resume
     print0(run, f"metrics: {log}")
-    finish(args, run, t_start)
+    finish(args, run, t_start, model)
 
 
 def warm_start(args, run: Run, model, processor, policy, train_data, test_data, checkpoint: str | None):

@@ -120,7 +120,7 @@ def main(argv=None):
                 f"{run.world_size} process(es), {args.precision} precision)")
     t0 = time.time()
     fit(args, run, model, processor, train_data, policy, optimizer, start_step, test_data)
-    finish(args, run, t0)
+    finish(args, run, t0, model)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import model as M  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """A training run in this process catches SIGTERM and SIGINT, and after it finishes ignores
+    SIGTERM (a finished run must not die of a late one): the next test starts with the defaults,
+    so that the test session itself can still be stopped."""
+    yield
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
