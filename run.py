@@ -796,10 +796,11 @@ def finish(args, run: Run, t0: float, model):
     every update was skipped, gets no `final` and ends with an error instead."""
     metrics = os.path.join(args.output_dir, "metrics.jsonl")
     records = read_jsonl(metrics) if run.is_main and os.path.isfile(metrics) else []
+    skipped = [r["skipped_update"] for r in records if "skipped_update" in r]  # (step 0 has none)
     failed = all_reduce(run, {  # under FSDP each rank checks its shards
         "nonfinite": not all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
                              for p in model.parameters()),
-        "all_skipped": bool(records) and all(r["skipped_update"] for r in records)}, op=dist.ReduceOp.MAX)
+        "all_skipped": bool(skipped) and all(skipped)}, op=dist.ReduceOp.MAX)
     if failed["nonfinite"] or failed["all_skipped"]:
         leave_job(run)
         raise SystemExit(("the trained weights are not all finite" if failed["nonfinite"] else
