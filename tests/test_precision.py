@@ -203,8 +203,8 @@ def test_bf16_two_processes_equal_one_process_with_accumulation(tmp_path, warm_t
     start = M.load_model(warm_tiny)[0].state_dict()
     two, one = (torch.load(tmp_path / f"{d}/checkpoint-000002/trainer_state.pt",
                            weights_only=False)["master_weights"] for d in ("two", "one"))
-    update_two = torch.cat([(two[k] - start[k]).flatten() for k in start])
-    update_one = torch.cat([(one[k] - start[k]).flatten() for k in start])
+    update_two = torch.cat([(two[k] - start[k]).flatten() for k in two])  # masters: each weight once
+    update_one = torch.cat([(one[k] - start[k]).flatten() for k in two])
     a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [r["reward"] for r in a] == [r["reward"] for r in b]  # the same rollouts
     assert max(r["zero_spread_share"] for r in b) < 1  # with a learning signal
