@@ -1,0 +1,139 @@
+"""--compile (model.sample_groups_compiled: static KV cache, compiled decode step) against the
+eager loop, Hugging Face's generate, and whole evaluation and training runs.
+
+Compiling the decode step takes ~20 s on 2 CPU cores for each shape, and dynamo keeps every
+compiled graph for the whole pytest session. So these tests decode a few shapes only, all with
+prompts that pad to one 128-token bucket and 12 new tokens: 3 rows greedy (also evaluate.py's
+batches here), 9 rows sampled (also train_grpo.py's rollouts here) and 3 rows greedy in bf16.
+"""
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import model as M
+from conftest import make_image
+
+IMAGES = [make_image(0), make_image(1, (84, 56)), make_image(2, (84, 84))]
+TEXTS = ["What type of object is in the photo?",
+         "What type of object is in the photo?\nPlease choose one from list [ red circle, blue square].",
+         "red"]
+NEW_TOKENS = 12
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process."""
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    """3 prompts of different lengths (64 to 75 tokens), one bucket."""
+    return M.build_prompts(tiny[1], IMAGES, TEXTS)
+
+
+def test_greedy_equals_the_eager_loop_and_generate(tiny, batch):
+    model, processor = tiny
+    before = compiled_graphs()
+    compiled = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, temperature=0, compile=True)
+    assert compiled_graphs() - before <= 1  # the whole decode step is one graph (0: compiled earlier)
+    eager = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, temperature=0)
+    reference = model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+        mm_token_type_ids=batch.mm_token_type_ids, do_sample=False, max_new_tokens=NEW_TOKENS,
+        suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
+        pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
+    assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert torch.equal(compiled.completion_mask, eager.completion_mask) and compiled.texts == eager.texts
+    assert torch.equal(compiled.completion_ids, reference)
+    assert 0 < int((compiled.completion_ids == processor.end_id).sum()) < 3  # rows end, and do not
+    assert len(set(map(tuple, compiled.completion_ids.tolist()))) == 3
+
+
+def test_sampling_equals_the_eager_loop_for_the_same_seeds(tiny, batch):
+    model, processor = tiny
+    kwargs = dict(group_size=3, max_new_tokens=NEW_TOKENS, temperature=1.0, seeds=[5, 6, 7])
+    compiled = M.sample_groups(model, processor, batch, compile=True, **kwargs)
+    eager = M.sample_groups(model, processor, batch, **kwargs)
+    assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert compiled.texts == eager.texts
+    again = M.sample_groups(model, processor, batch, compile=True, **{**kwargs, "seeds": [8, 6, 7]})
+    assert not torch.equal(again.completion_ids[:3], compiled.completion_ids[:3])  # seeds matter
+    assert torch.equal(again.completion_ids[3:], compiled.completion_ids[3:])  # per group
+
+
+def test_prompt_lengths_compile_once_per_bucket(tiny):
+    """Three rollouts whose prompts have three different lengths, all under 128 tokens: one
+    compiled graph for all three (none if an earlier test compiled that shape), and each time
+    the eager loop's tokens, although the decode cache is reused from rollout to rollout."""
+    model, processor = tiny
+    before, widths = compiled_graphs(), set()
+    for words in (1, 8, 20):
+        prompts = M.build_prompts(processor, IMAGES, [text + " red" * words for text in TEXTS])
+        widths.add(prompts.input_ids.shape[1])
+        compiled = M.sample_groups(model, processor, prompts, 1, NEW_TOKENS, 0, compile=True)
+        eager = M.sample_groups(model, processor, prompts, 1, NEW_TOKENS, 0)
+        assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert len(widths) == 3 and max(widths) <= 128
+    assert compiled_graphs() - before <= 1
+
+
+@contextmanager
+def bf16_weights(model, buffers: dict):
+    """--precision bf16 for a rollout, as run.compute_context does it: each fp32 parameter is
+    replaced by a bf16 tensor holding its cast, allocated once (in `buffers`) and refilled in
+    place from the fp32 master at each entry, so that its address never changes."""
+    masters = {}
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None:
+                cast = buffers.setdefault(id(parameter), torch.empty_like(parameter, dtype=torch.bfloat16))
+                module._parameters[name] = cast.copy_(parameter.detach())
+                masters[module, name] = parameter
+    try:
+        yield
+    finally:
+        for (module, name), parameter in masters.items():
+            module._parameters[name] = parameter
+
+
+def rounding_gaps(model, processor, prompts, completion_ids):
+    """(N, T) how far each greedy token's logit is below the best one, in the eager model's
+    logits over the whole sequence (no cache), 0 after a row's end; and the largest |logit|."""
+    T = completion_ids.shape[1]
+    positions = (prompts.next_position[:, None] + torch.arange(T)).expand(3, -1, -1)  # (3, N, T)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompts.input_ids, completion_ids], 1),
+                       attention_mask=torch.cat([prompts.attention_mask, torch.ones_like(completion_ids)], 1),
+                       position_ids=torch.cat([prompts.position_ids, positions], 2),
+                       pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                       ).logits[:, -T - 1:-1].float()  # (N, T, V)
+    scale = logits.abs().amax()
+    logits[..., processor.blocked_ids] = float("-inf")
+    chosen = logits.gather(-1, completion_ids[..., None]).squeeze(-1)  # (N, T)
+    valid = M.completion_mask(completion_ids, processor.end_id).bool()
+    return torch.where(valid, logits.amax(-1) - chosen, 0), scale
+
+
+def test_bf16_weights_swapped_in_compile_once_and_are_read_at_each_rollout(fresh_tiny, batch):
+    """Under bf16 weights refilled in place between rollouts (a training step in between), the
+    compiled step is not compiled again, and each greedy token is the best one under the weights
+    of that rollout, up to bf16 rounding (compiled and eager bf16 round differently, so their
+    greedy tokens may part where two logits are within rounding of each other)."""
+    model, processor = fresh_tiny
+    buffers, graphs = {}, []
+    for rollout in range(2):
+        with bf16_weights(model, buffers):
+            ids = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, 0, compile=True).completion_ids
+            graphs.append(compiled_graphs())
+            gaps, scale = rounding_gaps(model, processor, batch, ids)
+            assert gaps.max() <= scale * 2 ** -5, rollout  # a few bf16 roundings of the largest logit
+        with torch.no_grad():  # "the optimizer step": the masters move, the bf16 buffers follow
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * parameter.std() * 0.3)
+    assert graphs[1] == graphs[0]  # no new compilation for the second rollout
+    with bf16_weights(model, buffers):  # stale tokens would be far from the best under new weights
+        gaps, scale = rounding_gaps(model, processor, batch, ids)
+        assert gaps.max() > scale * 2 ** -5
