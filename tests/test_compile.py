@@ -6,14 +6,18 @@ compiled graph for the whole pytest session. So these tests decode a few shapes 
 prompts that pad to one 128-token bucket and 12 new tokens: 3 rows greedy (also evaluate.py's
 batches here), 9 rows sampled (also train_grpo.py's rollouts here) and 3 rows greedy in bf16.
 """
+import json
 from contextlib import contextmanager
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import evaluate as E
 import model as M
+import train_grpo as T
 from conftest import make_image
+from helpers import FAST, max_difference, metrics, weights
 
 IMAGES = [make_image(0), make_image(1, (84, 56)), make_image(2, (84, 84))]
 TEXTS = ["What type of object is in the photo?",
@@ -137,3 +141,50 @@ def test_bf16_weights_swapped_in_compile_once_and_are_read_at_each_rollout(fresh
     with bf16_weights(model, buffers):  # stale tokens would be far from the best under new weights
         gaps, scale = rounding_gaps(model, processor, batch, ids)
         assert gaps.max() > scale * 2 ** -5
+
+
+@pytest.fixture
+def checked_compiled_sampler(monkeypatch):
+    """model.sample_groups_compiled, checked at each call against the eager loop on the same
+    inputs (completion ids equal, shape included); yields the list of its completion lengths."""
+    compiled_sampler, lengths = M.sample_groups_compiled, []
+
+    def checked(model, processor, prompts, *args):
+        compiled = compiled_sampler(model, processor, prompts, *args)
+        assert torch.equal(compiled.completion_ids, M.sample_groups(model, processor, prompts, *args).completion_ids)
+        lengths.append(compiled.completion_ids.shape[1])
+        return compiled
+    monkeypatch.setattr(M, "sample_groups_compiled", checked)
+    return lengths
+
+
+def test_evaluate_predictions_are_the_same_with_compile(warm_tiny, tmp_path, checked_compiled_sampler):
+    """The fine-tuned model answers in a few tokens, so every row ends before the 12th: the
+    compiled loop stops at a later check than the eager one, and trims to the same length."""
+    common = ["--model", warm_tiny, "--dataset", "demo", "--image-size", "56", "--limit", "6",
+              "--batch-size", "3", "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"]
+    E.main(common + ["--output-dir", str(tmp_path / "eager")])
+    assert checked_compiled_sampler == []
+    E.main(common + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
+    assert len(checked_compiled_sampler) == 2 and max(checked_compiled_sampler) < M.CHECK_EVERY
+    eager, compiled = (metrics(tmp_path / name / "demo", "predictions.jsonl") for name in ("eager", "compiled"))
+    assert eager == compiled and len(eager) == 6
+
+
+def test_grpo_resumed_with_compile_makes_the_same_update(warm_tiny, tmp_path, checked_compiled_sampler):
+    """Step 2 of a GRPO run, resumed from step 1 with --compile (a flag a resume may change):
+    the same rollouts, rewards and update as the uninterrupted eager run (9 rows: 3 prompts x 3)."""
+    common = FAST + ["--model", warm_tiny, "--method", "no-think", "--max-steps", "2", "--batch-size", "1",
+                     "--grad-accum", "3", "--num-generations", "3", "--lr", "1e-3", "--shots", "4",
+                     "--max-new-tokens", str(NEW_TOKENS), "--save-every", "1"]
+    T.main(common + ["--output-dir", str(tmp_path / "eager")])
+    T.main(common + ["--output-dir", str(tmp_path / "compiled"), "--compile",
+                     "--resume", str(tmp_path / "eager/checkpoint-000001")])
+    assert len(checked_compiled_sampler) == 1  # step 2's rollout
+    assert json.loads((tmp_path / "compiled/args.json").read_text())["compile"] is True
+    final = weights(tmp_path / "eager/checkpoint-000002")
+    assert max_difference(final, weights(tmp_path / "compiled/checkpoint-000002")) == 0
+    assert max_difference(final, weights(tmp_path / "eager/checkpoint-000001")) > 1e-4  # it moved
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    for key in ("reward", "completion_length", "loss", "kl", "grad_norm"):
+        assert compiled[0][key] == eager[1][key], key
