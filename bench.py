@@ -303,7 +303,7 @@ def rollout_by_precision(policy, processor, prompts, G: int, length: int, device
 def rollout_compiled(policy, processor, prompts, G: int, length: int, device, precision: str,
                      repeats: int) -> dict:
     """Our rollout (all groups, `length` forced tokens) with the eager loop and with `--compile`
-    (model.sample_groups_compiled): median seconds of each, and per decode step, (rollout -
+    (model.decode_compiled): median seconds of each, and per decode step, (rollout -
     rollout of one token, which is the prefill) / (length - 1). The compiled path's first call
     traces and compiles the decode step, its second captures the CUDA graph on GPU: their time
     beyond two rollouts is compile_s. same_tokens: whether both paths sampled the same tokens."""

@@ -59,7 +59,7 @@ def predict(model, processor: Processor, data: ClassificationData, method: str, 
     Batches (not examples) are dealt round-robin to ranks and candidate lists are seeded with
     (seed, example) (data.make_question), so sharded runs and reruns equal one process exactly.
     `skip`: indices already done (resume). An unreadable image gives a record with `error`.
-    `compile`: decode with model.sample_groups_compiled (the same answers, fewer launches)."""
+    `compile`: decode with model.decode_compiled (the same answers, fewer launches)."""
     indices = [i for i in range(len(data.examples))[:limit] if i not in skip]
     batches = [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
     was_training = model.training

@@ -5,8 +5,7 @@ scoring are driven here, because GRPO needs two things `generate` does not do we
 
 1. Group sampling. `generate(num_return_sequences=G)` copies each prompt G times BEFORE the
    prefill, so the vision tower and the prompt run G times. `sample_groups` runs them once per
-   prompt, repeats the KV cache G times and decodes all B*G rows together (`--compile`: over a
-   static KV cache, with one compiled decode step, `sample_groups_compiled`).
+   prompt, repeats the KV cache G times and decodes all B*G rows together.
 2. Shared-prefix scoring (the Prefix Grouper idea). The naive way to score G completions is G
    full sequences `prompt + completion_g` with logits at every position. `completion_logprobs`
    packs `prompt, completion_1, ..., completion_G` into ONE sequence whose attention mask lets
@@ -373,29 +372,27 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     G times and all B*G rows decode together until each has produced the end-of-turn token or
     `max_new_tokens` tokens. Blocked tokens (vision and other specials) get zero probability.
     `temperature=0` is greedy decoding. `seeds` (one per prompt) make each group's random stream
-    independent of the batch it shares; without them the global torch RNG is used.
-
-    This is the plain loop, the reference: a cache grown by concatenation, a new attention mask
-    and a host sync per token. `compile=True` (`--compile`) runs `sample_groups_compiled` instead.
+    independent of the batch it shares; without them the global torch RNG is used. This loop is
+    the reference (a cache grown by concatenation, a new mask and a host sync per token);
+    `compile` (`--compile`): a static cache and `decode_compiled`, with the same tokens.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
-    if compile:
-        return sample_groups_compiled(model, processor, prompts, group_size, max_new_tokens,
-                                      temperature, top_p, seeds)
-
-    B, G = prompts.input_ids.shape[0], group_size
+    (B, P), G = prompts.input_ids.shape, group_size
     device = prompts.input_ids.device
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     uniforms = _row_uniforms(seeds, G, max_new_tokens, device)  # (BG, T)
     blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
 
-    cache = DynamicCache(config=model.config)
+    cache = StaticCache(config=model.config, max_cache_len=-(-(P + max_new_tokens) // BUCKET) * BUCKET) \
+        if compile else DynamicCache(config=model.config)
     logits = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                    position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
                    image_grid_thw=prompts.image_grid_thw, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1].float().repeat_interleave(G, 0)  # (BG, V)
+    if compile:
+        return decode_compiled(model, processor, prompts, cache, logits, uniforms, blocked, temperature, top_p)
     cache.batch_repeat_interleave(G)  # the prompt's keys/values, shared by its G samples
     attention_mask = prompts.attention_mask.repeat_interleave(G, 0)  # (BG, P)
     next_position = prompts.next_position.repeat_interleave(G)  # (BG,)
@@ -419,91 +416,57 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
                    decode_completions(processor, completion_ids))
 
 
-PROMPT_BUCKET = 64  # --compile pads prompts to a multiple: one compile per bucket, not per length
-CHECK_EVERY = 8  # decode steps between two "has every row ended?" checks (each syncs with the GPU)
+BUCKET = 64  # --compile rounds the cache length up to a multiple: one compile per bucket, not per length
+_COMPILED, _CACHES = {}, {}  # the compiled decode step per device type; a decode cache per shape
 
 
-def decode_step(model, cache, token, step, finished, key_is_real, next_position, uniform, blocked,
-                prompt_width: int, temperature: float, top_p: float, end_id: int, pad_id: int):
-    """One decode step of all N = B*G rows, the function `--compile` compiles: feed each row's
-    last token (its keys and values go to column prompt_width + step of the static `cache`), block
-    the special tokens, pick the next token as `sample_groups` does; returns (token, finished).
-
-    Static, so torch.compile traces it once per shape and a GPU replays it as one CUDA graph: no
-    tensor changes shape, nor the cache or a weight its address, from step to step. The cache holds
-    all prompt_width + T columns from the start; the step is a tensor (a new Python int would be a
-    new graph), and the positions and the mask over all columns (unwritten ones hidden) follow it.
-    """
+def decode_step(model, cache, token, step, prompt_width, finished, key_is_real, next_position, uniform,
+                blocked, temperature: float, top_p: float, end_id: int, pad_id: int):
+    """One decode step of all N = B*G rows, what `--compile` compiles: each row's last token through
+    the model (keys and values to column prompt_width + step of the static `cache`), the next one
+    picked as `sample_groups` does. Static (no tensor changes shape or address; step and width are
+    tensors, a new int would be a new graph; the mask over all columns follows the step), so it
+    compiles once per shape and a GPU replays it as one CUDA graph."""
     columns = torch.arange(key_is_real.shape[1], device=token.device)
     visible = key_is_real & (columns <= prompt_width + step)  # (N, L) prompt and tokens so far
     position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)  # (3, N, 1)
-    logits = model(input_ids=token[:, None], attention_mask=visible[:, None, None, :], position_ids=position,
+    logits = model(input_ids=token[:, None], attention_mask=visible[:, None, None], position_ids=position,
                    past_key_values=cache, use_cache=True).logits[:, -1].float()  # (N, V)
     logits[:, blocked] = float("-inf")
     token = _pick_tokens(logits, temperature, top_p, uniform).masked_fill(finished, pad_id)  # (N,)
     return token, finished | (token == end_id)
 
 
-_COMPILED, _CACHES = {}, {}  # the compiled step per device type; a decode cache per shape
-
-
-@torch.no_grad()
-def sample_groups_compiled(model, processor: Processor, prompts: PromptBatch, group_size: int = 1,
-                           max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                           seeds: list[int] | None = None) -> Rollout:
-    """`sample_groups` with a static KV cache and a compiled `decode_step`: the same tokens for
-    the same seeds (up to floating-point rounding). Prompts are left-padded to a multiple of
-    PROMPT_BUCKET and prefilled once (vision tower too) into a StaticCache of B rows, whose rows
-    are copied G times into a B*G-row one kept from rollout to rollout (its own: one StaticCache
-    used by eager and compiled calls breaks; kept: CUDA graphs replay on fixed addresses).
-    """
-    from transformers import StaticCache
-
-    G, T, pad = group_size, max_new_tokens, -prompts.input_ids.shape[1] % PROMPT_BUCKET
-    left = lambda t, value: torch.nn.functional.pad(t, (pad, 0), value=value)  # noqa: E731
-    prompts = PromptBatch(left(prompts.input_ids, processor.pad_id), left(prompts.attention_mask, 0),
-                          left(prompts.position_ids, 1), left(prompts.mm_token_type_ids, 0),
-                          prompts.pixel_values, prompts.image_grid_thw, prompts.next_position)
-    (B, P), device = prompts.input_ids.shape, prompts.input_ids.device
-    seeds = torch.randint(0, 2**62, (B,)).tolist() if seeds is None else seeds
-    uniforms = _row_uniforms(seeds, G, T, device)  # (BG, T)
-    blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
-
-    prefill = StaticCache(config=model.config, max_cache_len=P + T)
-    logits = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                   position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
-                   image_grid_thw=prompts.image_grid_thw, past_key_values=prefill, use_cache=True,
-                   logits_to_keep=1).logits[:, -1].float().repeat_interleave(G, 0)  # (BG, V)
-    keys = prefill.layers[0].keys  # (B, heads, P + T, head_dim)
-    shape = (len(prefill.layers), B * G, *keys.shape[1:], keys.dtype, keys.device)
-    if shape not in _CACHES:
-        _CACHES[shape] = StaticCache(config=model.config, max_cache_len=P + T)
-        _CACHES[shape].early_initialization(B * G, keys.shape[1], keys.shape[3], keys.dtype, device)
-    cache = _CACHES[shape]
-    for source, target in zip(prefill.layers, cache.layers):  # the prompt's keys/values, G times
-        target.keys.copy_(source.keys.repeat_interleave(G, 0))
-        target.values.copy_(source.values.repeat_interleave(G, 0))
+def decode_compiled(model, processor: Processor, prompts: PromptBatch, prefill, logits, uniforms,
+                    blocked, temperature: float, top_p: float) -> Rollout:
+    """`sample_groups`' decoding under --compile: the prompts' keys and values (`prefill`, B rows)
+    go G times into a StaticCache of B*G rows kept per shape (its own: one used by eager and
+    compiled calls breaks; kept: CUDA graphs replay on fixed addresses); then `decode_step`."""
+    (B, P), (N, T), keys = prompts.input_ids.shape, uniforms.shape, prefill.layers[0].keys  # keys (B, H, L, D)
+    shape = (len(prefill.layers), N, *keys.shape[1:], keys.dtype, keys.device)
+    cache = _CACHES.setdefault(shape, type(prefill)(config=model.config, max_cache_len=keys.shape[2]))
+    cache.early_initialization(N, keys.shape[1], keys.shape[3], keys.dtype, keys.device)  # once
+    for source, target in zip(prefill.layers, cache.layers):  # each prompt's, G times
+        target.keys.copy_(source.keys.repeat_interleave(N // B, 0))
+        target.values.copy_(source.values.repeat_interleave(N // B, 0))
         target.cumulative_length.copy_(source.cumulative_length)  # the column the next token takes
-    if device.type not in _COMPILED:  # a run has a few shapes, often more than dynamo's default 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[device.type] = torch.compile(  # CUDA: captured once per shape, then replayed
-            decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
-
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a few shapes
+    compiled_step = _COMPILED.setdefault(keys.device.type, torch.compile(  # CUDA: a graph per shape
+        decode_step, dynamic=False, mode="reduce-overhead" if keys.device.type == "cuda" else None))
     logits[:, blocked] = float("-inf")
-    completion_ids = torch.full((B * G, T), processor.pad_id, device=device)  # (BG, T)
+    completion_ids = torch.full((N, T), processor.pad_id, device=keys.device)  # (N, T)
     completion_ids[:, 0] = _pick_tokens(logits, temperature, top_p, uniforms[:, 0])
-    finished = completion_ids[:, 0] == processor.end_id  # (BG,)
-    key_is_real = torch.cat([prompts.attention_mask.bool().repeat_interleave(G, 0),
-                             finished.new_ones(B * G, T)], 1)  # (BG, P + T)
-    next_position, steps = prompts.next_position.repeat_interleave(G), torch.arange(T, device=device)
+    finished = completion_ids[:, 0] == processor.end_id  # (N,)
+    key_is_real = torch.cat([prompts.attention_mask.bool(), finished.new_ones(B, keys.shape[2] - P)], 1)  # (B, L)
+    key_is_real, next_position = key_is_real.repeat_interleave(N // B, 0), prompts.next_position.repeat_interleave(N // B)
+    steps, width = torch.arange(T, device=keys.device), torch.tensor(P, device=keys.device)
     for step in range(T - 1):
-        if step % CHECK_EVERY == 0 and bool(finished.all()):
+        if step % 8 == 0 and bool(finished.all()):  # every 8 steps only: each check waits for the GPU
             break
-        token, finished = _COMPILED[device.type](
-            model, cache, completion_ids[:, step], steps[step], finished, key_is_real, next_position,
-            uniforms[:, step + 1], blocked, P, temperature, top_p, processor.end_id, processor.pad_id)
-        completion_ids[:, step + 1] = token
-        finished = finished.clone()  # a CUDA graph's outputs are overwritten by its next replay
+        token, finished = compiled_step(model, cache, completion_ids[:, step], steps[step], width,
+                                        finished, key_is_real, next_position, uniforms[:, step + 1], blocked,
+                                        temperature, top_p, processor.end_id, processor.pad_id)
+        completion_ids[:, step + 1], finished = token, finished.clone()  # a graph's next replay overwrites them
     length = int(completion_mask(completion_ids, processor.end_id).sum(1).max())  # the eager loop's
     completion_ids = completion_ids[:, :length].contiguous()
     return Rollout(completion_ids, completion_mask(completion_ids, processor.end_id),

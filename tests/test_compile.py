@@ -1,13 +1,13 @@
-"""--compile (model.sample_groups_compiled: static KV cache, compiled decode step) against the
-eager loop, Hugging Face's generate, and whole evaluation and training runs.
+"""--compile (model.sample_groups(compile=True): static KV cache, compiled decode step) against
+the eager loop, Hugging Face's generate, and whole evaluation and training runs.
 
-Compiling the decode step takes ~20 s on 2 CPU cores for each shape, and dynamo keeps every
-compiled graph for the whole pytest session. So these tests decode a few shapes only, all with
-prompts that pad to one 128-token bucket and 12 new tokens: 3 rows greedy (also evaluate.py's
-batches here), 9 rows sampled (also train_grpo.py's rollouts here) and 3 rows greedy in bf16.
+Compiling the decode step takes 20-30 s on 2 CPU cores for each shape, and dynamo keeps every
+compiled graph for the whole pytest session. So these tests decode a few shapes only, all with a
+cache of 128 columns (prompts of 64 to 111 tokens + 12 new ones, rounded up): 3 rows greedy
+(also evaluate.py's batches here), 9 rows sampled (also train_grpo.py's rollouts here) and 3
+rows greedy in bf16.
 """
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import evaluate as E
 import model as M
+import run as R
 import train_grpo as T
 from conftest import make_image
 from helpers import FAST, max_difference, metrics, weights
@@ -33,7 +34,7 @@ def compiled_graphs() -> int:
 
 @pytest.fixture(scope="module")
 def batch(tiny):
-    """3 prompts of different lengths (64 to 75 tokens), one bucket."""
+    """3 prompts of different lengths (the longest 75 tokens)."""
     return M.build_prompts(tiny[1], IMAGES, TEXTS)
 
 
@@ -69,9 +70,10 @@ def test_sampling_equals_the_eager_loop_for_the_same_seeds(tiny, batch):
 
 
 def test_prompt_lengths_compile_once_per_bucket(tiny):
-    """Three rollouts whose prompts have three different lengths, all under 128 tokens: one
-    compiled graph for all three (none if an earlier test compiled that shape), and each time
-    the eager loop's tokens, although the decode cache is reused from rollout to rollout."""
+    """Three rollouts whose prompts have three different lengths, all with 12 new tokens under
+    128 columns: one compiled graph for all three (none if an earlier test compiled that shape),
+    and each time the eager loop's tokens, although the decode cache is reused from rollout to
+    rollout."""
     model, processor = tiny
     before, widths = compiled_graphs(), set()
     for words in (1, 8, 20):
@@ -80,27 +82,8 @@ def test_prompt_lengths_compile_once_per_bucket(tiny):
         compiled = M.sample_groups(model, processor, prompts, 1, NEW_TOKENS, 0, compile=True)
         eager = M.sample_groups(model, processor, prompts, 1, NEW_TOKENS, 0)
         assert torch.equal(compiled.completion_ids, eager.completion_ids)
-    assert len(widths) == 3 and max(widths) <= 128
+    assert len(widths) == 3 and max(widths) + NEW_TOKENS <= 128
     assert compiled_graphs() - before <= 1
-
-
-@contextmanager
-def bf16_weights(model, buffers: dict):
-    """--precision bf16 for a rollout, as run.compute_context does it: each fp32 parameter is
-    replaced by a bf16 tensor holding its cast, allocated once (in `buffers`) and refilled in
-    place from the fp32 master at each entry, so that its address never changes."""
-    masters = {}
-    for module in model.modules():
-        for name, parameter in list(module._parameters.items()):
-            if parameter is not None:
-                cast = buffers.setdefault(id(parameter), torch.empty_like(parameter, dtype=torch.bfloat16))
-                module._parameters[name] = cast.copy_(parameter.detach())
-                masters[module, name] = parameter
-    try:
-        yield
-    finally:
-        for (module, name), parameter in masters.items():
-            module._parameters[name] = parameter
 
 
 def rounding_gaps(model, processor, prompts, completion_ids):
@@ -121,57 +104,61 @@ def rounding_gaps(model, processor, prompts, completion_ids):
     return torch.where(valid, logits.amax(-1) - chosen, 0), scale
 
 
-def test_bf16_weights_swapped_in_compile_once_and_are_read_at_each_rollout(fresh_tiny, batch):
-    """Under bf16 weights refilled in place between rollouts (a training step in between), the
-    compiled step is not compiled again, and each greedy token is the best one under the weights
-    of that rollout, up to bf16 rounding (compiled and eager bf16 round differently, so their
-    greedy tokens may part where two logits are within rounding of each other)."""
+def test_bf16_rollouts_compile_once_and_read_the_weights_of_each_rollout(fresh_tiny, batch):
+    """--precision bf16 as train_grpo.py runs a rollout (run.compute_context: bf16 casts of the
+    fp32 masters swapped in for the parameters), with an update of the masters between two
+    rollouts: the compiled step is not compiled again, and each greedy token is the best one
+    under that rollout's weights up to bf16 rounding (compiled and eager bf16 kernels round
+    differently, so their tokens may part where two logits are within rounding)."""
     model, processor = fresh_tiny
-    buffers, graphs = {}, []
+    graphs = []
     for rollout in range(2):
-        with bf16_weights(model, buffers):
+        with torch.no_grad(), R.compute_context(model, "bf16"):
             ids = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, 0, compile=True).completion_ids
             graphs.append(compiled_graphs())
             gaps, scale = rounding_gaps(model, processor, batch, ids)
             assert gaps.max() <= scale * 2 ** -5, rollout  # a few bf16 roundings of the largest logit
-        with torch.no_grad():  # "the optimizer step": the masters move, the bf16 buffers follow
+        with torch.no_grad():  # "the optimizer step": the masters move
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter) * parameter.std() * 0.3)
     assert graphs[1] == graphs[0]  # no new compilation for the second rollout
-    with bf16_weights(model, buffers):  # stale tokens would be far from the best under new weights
+    with torch.no_grad(), R.compute_context(model, "bf16"):  # stale tokens: far from the best
         gaps, scale = rounding_gaps(model, processor, batch, ids)
         assert gaps.max() > scale * 2 ** -5
 
 
 @pytest.fixture
-def checked_compiled_sampler(monkeypatch):
-    """model.sample_groups_compiled, checked at each call against the eager loop on the same
-    inputs (completion ids equal, shape included); yields the list of its completion lengths."""
-    compiled_sampler, lengths = M.sample_groups_compiled, []
+def checked_compile(monkeypatch):
+    """The sample_groups that evaluate.py and train_grpo.py call, checked: each call with
+    compile=True is compared with the eager loop on the same inputs (completion ids equal, shape
+    included). Yields the completion lengths of those calls."""
+    lengths = []
 
-    def checked(model, processor, prompts, *args):
-        compiled = compiled_sampler(model, processor, prompts, *args)
-        assert torch.equal(compiled.completion_ids, M.sample_groups(model, processor, prompts, *args).completion_ids)
-        lengths.append(compiled.completion_ids.shape[1])
-        return compiled
-    monkeypatch.setattr(M, "sample_groups_compiled", checked)
+    def checked(*args, compile=False, **kwargs):
+        rollout = M.sample_groups(*args, compile=compile, **kwargs)
+        if compile:
+            assert torch.equal(rollout.completion_ids, M.sample_groups(*args, **kwargs).completion_ids)
+            lengths.append(rollout.completion_ids.shape[1])
+        return rollout
+    for module in (E, T):
+        monkeypatch.setattr(module, "sample_groups", checked)
     return lengths
 
 
-def test_evaluate_predictions_are_the_same_with_compile(warm_tiny, tmp_path, checked_compiled_sampler):
+def test_evaluate_predictions_are_the_same_with_compile(warm_tiny, tmp_path, checked_compile):
     """The fine-tuned model answers in a few tokens, so every row ends before the 12th: the
     compiled loop stops at a later check than the eager one, and trims to the same length."""
     common = ["--model", warm_tiny, "--dataset", "demo", "--image-size", "56", "--limit", "6",
               "--batch-size", "3", "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"]
     E.main(common + ["--output-dir", str(tmp_path / "eager")])
-    assert checked_compiled_sampler == []
+    assert checked_compile == []
     E.main(common + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
-    assert len(checked_compiled_sampler) == 2 and max(checked_compiled_sampler) < M.CHECK_EVERY
+    assert len(checked_compile) == 2 and max(checked_compile) < 8
     eager, compiled = (metrics(tmp_path / name / "demo", "predictions.jsonl") for name in ("eager", "compiled"))
     assert eager == compiled and len(eager) == 6
 
 
-def test_grpo_resumed_with_compile_makes_the_same_update(warm_tiny, tmp_path, checked_compiled_sampler):
+def test_grpo_resumed_with_compile_makes_the_same_update(warm_tiny, tmp_path, checked_compile):
     """Step 2 of a GRPO run, resumed from step 1 with --compile (a flag a resume may change):
     the same rollouts, rewards and update as the uninterrupted eager run (9 rows: 3 prompts x 3)."""
     common = FAST + ["--model", warm_tiny, "--method", "no-think", "--max-steps", "2", "--batch-size", "1",
@@ -180,7 +167,7 @@ def test_grpo_resumed_with_compile_makes_the_same_update(warm_tiny, tmp_path, ch
     T.main(common + ["--output-dir", str(tmp_path / "eager")])
     T.main(common + ["--output-dir", str(tmp_path / "compiled"), "--compile",
                      "--resume", str(tmp_path / "eager/checkpoint-000001")])
-    assert len(checked_compiled_sampler) == 1  # step 2's rollout
+    assert len(checked_compile) == 1  # step 2's rollout
     assert json.loads((tmp_path / "compiled/args.json").read_text())["compile"] is True
     final = weights(tmp_path / "eager/checkpoint-000002")
     assert max_difference(final, weights(tmp_path / "compiled/checkpoint-000002")) == 0
