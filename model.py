@@ -373,8 +373,7 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     `max_new_tokens` tokens. Blocked tokens (vision and other specials) get zero probability.
     `temperature=0` is greedy decoding. `seeds` (one per prompt) make each group's random stream
     independent of the batch it shares; without them the global torch RNG is used. This loop is
-    the reference (a cache grown by concatenation, a new mask and a host sync per token);
-    `compile` (`--compile`): a static cache and `decode_compiled`, with the same tokens.
+    the reference; `compile` (`--compile`) decodes over a static cache with `decode_compiled`.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -385,8 +384,8 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     uniforms = _row_uniforms(seeds, G, max_new_tokens, device)  # (BG, T)
     blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
 
-    cache = StaticCache(config=model.config, max_cache_len=-(-(P + max_new_tokens) // BUCKET) * BUCKET) \
-        if compile else DynamicCache(config=model.config)
+    cache = StaticCache(model.config, BUCKET * -(-(P + max_new_tokens) // BUCKET)) if compile else \
+        DynamicCache(config=model.config)
     logits = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                    position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
                    image_grid_thw=prompts.image_grid_thw, past_key_values=cache, use_cache=True,
@@ -451,8 +450,9 @@ def decode_compiled(model, processor: Processor, prompts: PromptBatch, prefill, 
         target.values.copy_(source.values.repeat_interleave(N // B, 0))
         target.cumulative_length.copy_(source.cumulative_length)  # the column the next token takes
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a few shapes
-    compiled_step = _COMPILED.setdefault(keys.device.type, torch.compile(  # CUDA: a graph per shape
-        decode_step, dynamic=False, mode="reduce-overhead" if keys.device.type == "cuda" else None))
+    compiled_step = _COMPILED.setdefault(keys.device.type, torch.compile(decode_step, dynamic=False, options={
+        "triton.cudagraphs": keys.device.type == "cuda",  # as mode="reduce-overhead": a CUDA graph per shape
+        "emulate_precision_casts": True}))  # bf16: rounded where eager rounds, for the eager loop's tokens
     logits[:, blocked] = float("-inf")
     completion_ids = torch.full((N, T), processor.pad_id, device=keys.device)  # (N, T)
     completion_ids[:, 0] = _pick_tokens(logits, temperature, top_p, uniforms[:, 0])
