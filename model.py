@@ -424,8 +424,7 @@ def decode_step(model, cache, token, step, prompt_width, finished, key_is_real, 
     """One decode step of all N = B*G rows, what `--compile` compiles: each row's last token through
     the model (keys and values to column prompt_width + step of the static `cache`), the next one
     picked as `sample_groups` does. Static (no tensor changes shape or address; step and width are
-    tensors, a new int would be a new graph; the mask over all columns follows the step), so it
-    compiles once per shape and a GPU replays it as one CUDA graph."""
+    tensors, not ints; the mask follows the step): one compile per shape, replayed as a CUDA graph."""
     columns = torch.arange(key_is_real.shape[1], device=token.device)
     visible = key_is_real & (columns <= prompt_width + step)  # (N, L) prompt and tokens so far
     position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)  # (3, N, 1)
@@ -438,9 +437,8 @@ def decode_step(model, cache, token, step, prompt_width, finished, key_is_real, 
 
 def decode_compiled(model, processor: Processor, prompts: PromptBatch, prefill, logits, uniforms,
                     blocked, temperature: float, top_p: float) -> Rollout:
-    """`sample_groups`' decoding under --compile: the prompts' keys and values (`prefill`, B rows)
-    go G times into a StaticCache of B*G rows kept per shape (its own: one used by eager and
-    compiled calls breaks; kept: CUDA graphs replay on fixed addresses); then `decode_step`."""
+    """`sample_groups` under --compile: the prompts' keys and values (`prefill`, B rows) go G times into a
+    StaticCache of B*G rows kept per shape (CUDA graphs replay on fixed addresses), then `decode_step`."""
     (B, P), (N, T), keys = prompts.input_ids.shape, uniforms.shape, prefill.layers[0].keys  # keys (B, H, L, D)
     shape = (len(prefill.layers), N, *keys.shape[1:], keys.dtype, keys.device)
     cache = _CACHES.setdefault(shape, type(prefill)(config=model.config, max_cache_len=keys.shape[2]))
