@@ -4,6 +4,7 @@
     python bench.py --preset 2b                                    # one GPU: real-size Qwen2-VL-2B
     python bench.py --preset 2b --device cpu --precision fp32 --layers 2 --vision-layers 2 \
         --configs 4x8 --groups 2 --repeats 1                      # the 2b code path, on CPU
+    python bench.py --preset cpu --configs "" --precision-rollout ""   # only eager vs --compile
 
 Both paths use the same model, weights (random, built from a config: no download) and prompts,
 and produce completions of the same forced length, so the ratio is the cost of the method:
@@ -23,6 +24,10 @@ memory, on GPU the model FLOPs utilisation (6·N·tokens for the policy pass, 2�
 forward passes, N all parameters, vision tower included, tokens the positions each path runs
 through the language model) against the device's bf16 peak, the naive / ours ratio, and the
 projected time of the paper's ImageNet run (40,000 prompt groups, No-Thinking) on one device.
+Then our rollout in fp32 / bf16 (`--precision-rollout`), and our rollout with the eager decode
+loop against `--compile` (`--compile-rollouts`: static KV cache, compiled decode step), with the
+one-time compile cost apart, milliseconds per decode step and, on GPU, the time one step needs
+to read the language model's weights from memory (its lower bound).
 """
 from __future__ import annotations
 
@@ -54,14 +59,14 @@ PRESETS = {
                           num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12]),
                 vision=dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
                 image=224, text_tokens=220, groups=2, configs=["4x8", "8x8", "4x128", "8x128"],
-                device="cpu", precision="fp32", repeats=2),
+                device="cpu", precision="fp32", repeats=2, compile_rollouts=["4x8", "4x128"]),
     # Qwen2-VL-2B (docs/method.md section 9); 384x384 images (196 tokens) and an ImageNet-style
     # question listing 100 class names (~540 text tokens, our estimate for Qwen's tokenizer)
     "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24]),
                vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
                image=384, text_tokens=540, groups=4, configs=["4x8", "8x8", "4x256", "8x256"],
-               device="cuda", precision="bf16", repeats=3),
+               device="cuda", precision="bf16", repeats=3, compile_rollouts=["4x8", "4x256"]),
 }
 # Qwen2-VL-7B (and, within 1 %, Qwen2.5-VL-7B): only its size, for the memory table
 MODEL_7B = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -69,6 +74,7 @@ MODEL_7B = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_
                           vocab_size=152064, tie_word_embeddings=False),
                 vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4))
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
+HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
 IMAGENET_GROUPS = 40_000  # 1,000 classes x 4 shots x 10 epochs
 
 
@@ -294,6 +300,42 @@ def rollout_by_precision(policy, processor, prompts, G: int, length: int, device
     return times
 
 
+def rollout_compiled(policy, processor, prompts, G: int, length: int, device, precision: str,
+                     repeats: int) -> dict:
+    """Our rollout (all groups, `length` forced tokens) with the eager loop and with `--compile`
+    (model.decode_compiled): median seconds of each, and per decode step, (rollout -
+    rollout of one token, which is the prefill) / (length - 1). The compiled path's first call
+    traces and compiles the decode step, its second captures the CUDA graph on GPU: their time
+    beyond two rollouts is compile_s. same_tokens: whether both paths sampled the same tokens."""
+    seeds = list(range(prompts.input_ids.shape[0]))
+
+    def run(compile: bool, tokens: int):
+        t0 = timer(device)
+        with torch.no_grad(), compute_context(policy, precision):
+            ids = sample_groups(policy, processor, prompts, G, tokens, 1.0, seeds=seeds,
+                                compile=compile).completion_ids
+        return timer(device) - t0, ids
+
+    first_two = run(True, length)[0] + run(True, length)[0]
+    run(False, length)  # the eager loop's warm-up
+    times = {path: {"rollout": [], "prefill": []} for path in ("eager", "compiled")}
+    for _ in range(repeats):  # interleaved, so a change in the machine's load hits both paths
+        for path in times:
+            seconds, completions = run(path == "compiled", length)
+            times[path]["rollout"].append(seconds)
+            times[path]["prefill"].append(run(path == "compiled", 1)[0])  # one token: the prefill
+            times[path]["completions"] = completions
+    result = {}
+    for path, measured in times.items():
+        result[f"{path}_s"] = statistics.median(measured["rollout"])
+        prefill = statistics.median(measured["prefill"])
+        result[f"{path}_step_ms"] = 1e3 * (result[f"{path}_s"] - prefill) / max(1, length - 1)
+    result["compile_s"] = first_two - 2 * result["compiled_s"]
+    result["speedup"] = result["eager_s"] / result["compiled_s"]
+    result["same_tokens"] = bool(torch.equal(times["eager"]["completions"], times["compiled"]["completions"]))
+    return result
+
+
 def median_phases(runs: list[Phases]) -> Phases:
     return Phases(*(statistics.median(getattr(r, k) for r in runs)
                     for k in ("rollout", "reference", "policy", "optimizer", "peak_gb")))
@@ -304,8 +346,8 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model size and prompt shape")
     parser.add_argument("--configs", default=None,
-                        help="comma-separated GxT (samples per prompt x forced completion tokens); "
-                             "default: the preset's")
+                        help="comma-separated GxT (samples per prompt x forced completion tokens) "
+                             "of the GRPO steps timed ('' for none); default: the preset's")
     parser.add_argument("--groups", type=int, default=None, help="prompt groups per rollout batch")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per path and configuration")
     parser.add_argument("--layers", type=int, default=None, help="override the language model's depth")
@@ -314,7 +356,9 @@ def main(argv=None):
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                         help="weights and activations (default: the preset's)")
     parser.add_argument("--precision-rollout", default="4x64", metavar="GxT",
-                        help="the rollout timed in fp32, in bf16, and in bf16 recasting every step")
+                        help="the rollout timed in fp32, in bf16, and in bf16 recasting every step ('' for none)")
+    parser.add_argument("--compile-rollouts", default=None, metavar="GxT,...",
+                        help="rollouts timed eager vs --compile ('' for none); default: the preset's")
     parser.add_argument("--json", default=None, help="also write the results here, one record per configuration")
     parser.add_argument("--lora-rank", type=int, default=16,
                         help="also time our step with LoRA adapters of this rank against the full one (0: no)")
@@ -329,7 +373,8 @@ def main(argv=None):
     precision = args.precision or preset["precision"]
     groups = args.groups or preset["groups"]
     repeats = args.repeats or preset["repeats"]
-    configs = [tuple(map(int, c.split("x"))) for c in (args.configs or ",".join(preset["configs"])).split(",")]
+    configs = [tuple(map(int, c.split("x"))) for c in
+               (preset["configs"] if args.configs is None else [c for c in args.configs.split(",") if c])]
 
     policy, reference, processor = build_models(preset, args.layers, args.vision_layers, device, precision)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -345,9 +390,10 @@ def main(argv=None):
           f"{transformers.__version__}; {groups} prompt groups of ~{P} tokens per step")
     header = (f"{'config':<16}{'path':<7}{'rollout':>9}{'reference':>11}{'policy':>9}{'optim':>8}"
               f"{'total':>9}  {'tokens/s':>9}{'peak GB':>9}" + ("  MFU roll/ref/policy" if peak else ""))
-    print("seconds per prompt group\n" + header)
+    if configs:
+        print("seconds per prompt group\n" + header)
     records = []
-    for path in ("naive", "ours"):  # warm-up: first-call allocations, kernel selection
+    for path in ("naive", "ours") if configs else ():  # warm-up: first-call allocations, kernels
         grpo_step(path, policy, reference, processor, optimizer, prompts, 2, 4, device, precision)
     for G, length in configs:
         label = f"G={G} T={length}"
@@ -390,14 +436,33 @@ def main(argv=None):
             print(f"{'':<16}projected ImageNet run (40,000 groups, one {name.split(',')[0]}): "
                   f"naive {record['naive']['imagenet_minutes']:.0f} min, ours {record['ours']['imagenet_minutes']:.0f} min")
         records.append(record)
-    G, length = map(int, args.precision_rollout.split("x"))
-    times = rollout_by_precision(policy, processor, prompts, G, length, device, repeats)
-    print(f"\nour rollout of {groups} groups, G={G} T={length}, seconds: " + ", ".join(
-          f"{k} {v:.3f}" for k, v in times.items()) + f"; bf16 recast per step / one region: "
-          f"{times['bf16_recast_per_step'] / times['bf16']:.2f}x")
-    records.append(dict(preset=args.preset, config=f"rollout G={G} T={length}", groups=groups,
-                        device=name, rollout_seconds=times))
-    if args.lora_rank:  # the full models go first, so that the LoRA step's peak is its own
+    if args.precision_rollout:
+        G, length = map(int, args.precision_rollout.split("x"))
+        times = rollout_by_precision(policy, processor, prompts, G, length, device, repeats)
+        print(f"\nour rollout of {groups} groups, G={G} T={length}, seconds: " + ", ".join(
+              f"{k} {v:.3f}" for k, v in times.items()) + f"; bf16 recast per step / one region: "
+              f"{times['bf16_recast_per_step'] / times['bf16']:.2f}x")
+        records.append(dict(preset=args.preset, config=f"rollout G={G} T={length}", groups=groups,
+                            device=name, rollout_seconds=times))
+    compile_rollouts = preset["compile_rollouts"] if args.compile_rollouts is None else \
+        [c for c in args.compile_rollouts.split(",") if c]
+    # a decode step reads every language-model weight once (the output layer is the embedding)
+    weight_bytes = sum(p.numel() * (2 if precision == "bf16" else 4)
+                       for p in policy.model.language_model.parameters())
+    bandwidth = next((v for k, v in HBM_BANDWIDTH.items() if k in name), None)
+    for config in compile_rollouts:
+        G, length = map(int, config.split("x"))
+        row = rollout_compiled(policy, processor, prompts, G, length, device, precision, repeats)
+        if bandwidth:
+            row["weight_read_ms"] = 1e3 * weight_bytes / bandwidth
+        print(f"our rollout of {groups} groups, G={G} T={length}: eager {row['eager_s']:.3f} s "
+              f"({row['eager_step_ms']:.1f} ms/step), --compile {row['compiled_s']:.3f} s "
+              f"({row['compiled_step_ms']:.1f} ms/step), {row['speedup']:.2f}x; one-time compile "
+              f"{row['compile_s']:.1f} s; same tokens: {row['same_tokens']}"
+              + (f"; weight read {row['weight_read_ms']:.2f} ms/step" if bandwidth else ""))
+        records.append(dict(preset=args.preset, config=f"compiled rollout G={G} T={length}",
+                            groups=groups, device=name, precision=precision, **row))
+    if args.lora_rank and configs:  # the full models go first, so that the LoRA step's peak is its own
         state = policy.state_dict()
         del policy, reference, optimizer
         gc.collect()

@@ -53,12 +53,13 @@ INPUT_DEFAULTS = {"image_size": 384, "seed": 100}
 def predict(model, processor: Processor, data: ClassificationData, method: str, *,
             batch_size: int = 32, max_new_tokens: int = 1024, image_size: int = 384, seed: int = 1,
             limit: int | None = None, open_set: bool = False, skip: set[int] = frozenset(),
-            rank: int = 0, world_size: int = 1):
+            rank: int = 0, world_size: int = 1, compile: bool = False):
     """Greedy answers (model.sample_groups at temperature 0, which equals transformers' generate)
     for this rank's share of `data`: yields each batch's records, sorted by index, when it is done.
     Batches (not examples) are dealt round-robin to ranks and candidate lists are seeded with
     (seed, example) (data.make_question), so sharded runs and reruns equal one process exactly.
-    `skip`: indices already done (resume). An unreadable image gives a record with `error`."""
+    `skip`: indices already done (resume). An unreadable image gives a record with `error`.
+    `compile`: decode with model.decode_compiled (the same answers, fewer launches)."""
     indices = [i for i in range(len(data.examples))[:limit] if i not in skip]
     batches = [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
     was_training = model.training
@@ -79,7 +80,7 @@ def predict(model, processor: Processor, data: ClassificationData, method: str, 
             if asked:
                 prompts = build_prompts(processor, images, [q["prompt"] for q in asked], model.device)
                 rollout = sample_groups(model, processor, prompts, group_size=1,
-                                          max_new_tokens=max_new_tokens, temperature=0)
+                                        max_new_tokens=max_new_tokens, temperature=0, compile=compile)
                 records += map(judge, asked, rollout.texts, rollout.completion_mask.sum(1).tolist())
             yield sorted(records, key=lambda r: r["index"])
     finally:
@@ -115,7 +116,7 @@ def held_out_accuracy(args, run: Run, model, processor, test_data, policy=None) 
         return accuracy(model, processor, test_data, args.method, rank=run.rank,
                         world_size=run.world_size, batch_size=args.eval_batch_size,
                         max_new_tokens=args.max_new_tokens, image_size=args.image_size,
-                        seed=args.seed, limit=args.eval_limit)
+                        seed=args.seed, limit=args.eval_limit, compile=args.compile)
 
 
 def images_per_second(timing: dict) -> float | None:
@@ -307,6 +308,8 @@ def parse_eval_args(argv):
     a("--resume", action="store_true", help="keep --output-dir's predictions, predict the rest")
     a("--compare", metavar="SUMMARY", help="a zero-shot run's summary.json: report the change")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--compile", action="store_true", help="decode with a static KV cache and a compiled step "
+      "(CUDA graphs on GPU): the same answers, fewer launches (README: --compile)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
     args = parser.parse_args(argv)
     check_flags(args, at_least={"batch_size": 1, "max_new_tokens": 1, "image_size": 1, "limit": 1},
@@ -430,7 +433,7 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
     for batch in predict(model, processor, data, method, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, image_size=args.image_size,
                          seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
-                         rank=run.rank, world_size=run.world_size):
+                         rank=run.rank, world_size=run.world_size, compile=args.compile):
         append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
         records += batch
         bar.update(len(batch) * run.world_size)

@@ -365,29 +365,33 @@ def _row_uniforms(seeds, group_size: int, steps: int, device) -> torch.Tensor:
 @torch.no_grad()
 def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size: int = 1,
                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                  seeds: list[int] | None = None) -> Rollout:
+                  seeds: list[int] | None = None, compile: bool = False) -> Rollout:
     """Sample `group_size` completions for each of the B prompts.
 
     The vision tower and the prompt prefill run once per prompt; the KV cache is then repeated
     G times and all B*G rows decode together until each has produced the end-of-turn token or
     `max_new_tokens` tokens. Blocked tokens (vision and other specials) get zero probability.
     `temperature=0` is greedy decoding. `seeds` (one per prompt) make each group's random stream
-    independent of the batch it shares; without them the global torch RNG is used.
+    independent of the batch it shares; without them the global torch RNG is used. This loop is
+    the reference; `compile` (`--compile`) decodes over a static cache with `decode_compiled`.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
-    B, G = prompts.input_ids.shape[0], group_size
+    (B, P), G = prompts.input_ids.shape, group_size
     device = prompts.input_ids.device
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     uniforms = _row_uniforms(seeds, G, max_new_tokens, device)  # (BG, T)
     blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
 
-    cache = DynamicCache(config=model.config)
+    cache = StaticCache(model.config, BUCKET * -(-(P + max_new_tokens) // BUCKET)) if compile else \
+        DynamicCache(config=model.config)
     logits = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                    position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
                    image_grid_thw=prompts.image_grid_thw, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1].float().repeat_interleave(G, 0)  # (BG, V)
+    if compile:
+        return decode_compiled(model, processor, prompts, cache, logits, uniforms, blocked, temperature, top_p)
     cache.batch_repeat_interleave(G)  # the prompt's keys/values, shared by its G samples
     attention_mask = prompts.attention_mask.repeat_interleave(G, 0)  # (BG, P)
     next_position = prompts.next_position.repeat_interleave(G)  # (BG,)
@@ -407,6 +411,62 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
                        past_key_values=cache, use_cache=True).logits[:, -1].float()  # (BG, V)
 
     completion_ids = torch.stack(tokens, 1)  # (BG, T)
+    return Rollout(completion_ids, completion_mask(completion_ids, processor.end_id),
+                   decode_completions(processor, completion_ids))
+
+
+BUCKET = 64  # --compile rounds the cache length up to a multiple: one compile per bucket, not per length
+_COMPILED, _CACHES = {}, {}  # the compiled decode step per device type; a decode cache per shape
+
+
+def decode_step(model, cache, token, step, prompt_width, finished, key_is_real, next_position, uniform,
+                blocked, temperature: float, top_p: float, end_id: int, pad_id: int):
+    """One decode step of all N = B*G rows, what `--compile` compiles: each row's last token through
+    the model (keys and values to column prompt_width + step of the static `cache`), the next one
+    picked as `sample_groups` does. Static (no tensor changes shape or address; step and width are
+    tensors, not ints; the mask follows the step): one compile per shape, replayed as a CUDA graph."""
+    columns = torch.arange(key_is_real.shape[1], device=token.device)
+    visible = key_is_real & (columns <= prompt_width + step)  # (N, L) prompt and tokens so far
+    position = (next_position + step).view(1, -1, 1).expand(3, -1, 1)  # (3, N, 1)
+    logits = model(input_ids=token[:, None], attention_mask=visible[:, None, None], position_ids=position,
+                   past_key_values=cache, use_cache=True).logits[:, -1].float()  # (N, V)
+    logits[:, blocked] = float("-inf")
+    token = _pick_tokens(logits, temperature, top_p, uniform).masked_fill(finished, pad_id)  # (N,)
+    return token, finished | (token == end_id)
+
+
+def decode_compiled(model, processor: Processor, prompts: PromptBatch, prefill, logits, uniforms,
+                    blocked, temperature: float, top_p: float) -> Rollout:
+    """`sample_groups` under --compile: the prompts' keys and values (`prefill`, B rows) go G times into a
+    StaticCache of B*G rows kept per shape (CUDA graphs replay on fixed addresses), then `decode_step`."""
+    (B, P), (N, T), keys = prompts.input_ids.shape, uniforms.shape, prefill.layers[0].keys  # keys (B, H, L, D)
+    shape = (len(prefill.layers), N, *keys.shape[1:], keys.dtype, keys.device)
+    cache = _CACHES.setdefault(shape, type(prefill)(config=model.config, max_cache_len=keys.shape[2]))
+    cache.early_initialization(N, keys.shape[1], keys.shape[3], keys.dtype, keys.device)  # once
+    for source, target in zip(prefill.layers, cache.layers):  # each prompt's, G times
+        target.keys.copy_(source.keys.repeat_interleave(N // B, 0))
+        target.values.copy_(source.values.repeat_interleave(N // B, 0))
+        target.cumulative_length.copy_(source.cumulative_length)  # the column the next token takes
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a few shapes
+    compiled_step = _COMPILED.setdefault(keys.device.type, torch.compile(decode_step, dynamic=False, options={
+        "triton.cudagraphs": keys.device.type == "cuda",  # as mode="reduce-overhead": a CUDA graph per shape
+        "emulate_precision_casts": True}))  # bf16: rounded where eager rounds, for the eager loop's tokens
+    logits[:, blocked] = float("-inf")
+    completion_ids = torch.full((N, T), processor.pad_id, device=keys.device)  # (N, T)
+    completion_ids[:, 0] = _pick_tokens(logits, temperature, top_p, uniforms[:, 0])
+    finished = completion_ids[:, 0] == processor.end_id  # (N,)
+    key_is_real = torch.cat([prompts.attention_mask.bool(), finished.new_ones(B, keys.shape[2] - P)], 1)  # (B, L)
+    key_is_real, next_position = key_is_real.repeat_interleave(N // B, 0), prompts.next_position.repeat_interleave(N // B)
+    steps, width = torch.arange(T, device=keys.device), torch.tensor(P, device=keys.device)
+    for step in range(T - 1):
+        if step % 8 == 0 and bool(finished.all()):  # every 8 steps only: each check waits for the GPU
+            break
+        token, finished = compiled_step(model, cache, completion_ids[:, step], steps[step], width,
+                                        finished, key_is_real, next_position, uniforms[:, step + 1], blocked,
+                                        temperature, top_p, processor.end_id, processor.pad_id)
+        completion_ids[:, step + 1], finished = token, finished.clone()  # a graph's next replay overwrites them
+    length = int(completion_mask(completion_ids, processor.end_id).sum(1).max())  # the eager loop's
+    completion_ids = completion_ids[:, :length].contiguous()
     return Rollout(completion_ids, completion_mask(completion_ids, processor.end_id),
                    decode_completions(processor, completion_ids))
 

@@ -47,8 +47,9 @@ from data import DATASETS, PROMPT_SUFFIX, load_data, read_json, write_atomic
 from model import GroupScorer, adapters, add_adapters, load_model, merged_state_dict, save_pretrained
 
 # Flags a --resume may change: they decide what is saved, logged or checked, never the weights.
+# --compile too: the same tokens, up to floating-point rounding.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "eval_every",
-                     "eval_limit", "eval_batch_size", "device", "dist_timeout", "demo"}
+                     "eval_limit", "eval_batch_size", "device", "dist_timeout", "demo", "compile"}
 # The largest --image-size: the Qwen2-VL and Qwen2.5-VL processors shrink any image of more than
 # 12,845,056 pixels (3584 x 3584, their max_pixels: 16384 visual tokens) back under it, so a
 # larger resize only costs time and memory (at 100000 px, tens of GB in PIL before any error).
@@ -546,6 +547,8 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
     a("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on the language model's "
       "projections, all else frozen (0: full fine-tuning, the paper's)")
     a("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default: 2 x rank)")
+    a("--compile", action="store_true", help="rollouts and evaluation decode with a static KV cache "
+      "and a compiled step (CUDA graphs on GPU): the same tokens, fewer launches; not with --fsdp")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dist-timeout", type=float, default=30, help="minutes a rank waits on the others before failing")
     return parser
@@ -571,6 +574,9 @@ def start_run(args, script: str):
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     run = join_job(args.device, args.dist_timeout)
     args.precision = args.precision or ("bf16" if run.device.type == "cuda" else "fp32")
+    if args.compile and args.fsdp:  # FSDP's per-layer hooks would run inside the compiled step
+        print0(run, "--compile: not used with --fsdp; rollouts and evaluation decode with the eager loop")
+        args.compile = False
     with one_line_errors(script):
         checkpoint = find_checkpoint(args)
         if checkpoint:

@@ -214,7 +214,7 @@ def main(argv=None):
         # one region: each weight cast to bf16 once (DDP), or gathered once (FSDP), per rollout
         with torch.no_grad(), full_weights(policy), compute_context(model, args.precision):
             rollout = sample_groups(model, processor, prompts, G, args.max_new_tokens,
-                                    args.temperature, args.top_p, seeds)
+                                    args.temperature, args.top_p, seeds, compile=args.compile)
         # 2. rewards, and advantages within each group of G completions of one prompt
         labels = [label for label in batch.labels for _ in range(G)]
         components = [reward_components(args.method, text, label)

@@ -57,7 +57,8 @@ def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     records = bench.main(["--preset", "cpu", "--layers", "1", "--vision-layers", "1", "--configs", "2x4",
                           "--groups", "1", "--repeats", "1", "--precision", "bf16",
-                          "--precision-rollout", "2x3", "--lora-rank", "4", "--json", str(out)])
+                          "--precision-rollout", "2x3", "--lora-rank", "4", "--compile-rollouts", "",
+                          "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(records))
     record = saved[0]

@@ -47,13 +47,15 @@ def test_grpo_with_fsdp_equals_ddp_and_one_process_with_accumulation(tmp_path, w
     into up to lr-sized differences on the weights whose gradient is pure rounding noise
     (k_proj.bias: softmax ignores a per-query shift, so its true gradient is 0), so clipping is
     kept out of this comparison (--max-grad-norm 100: the norms are ~1); the SFT test below
-    compares with clipping acting."""
+    compares with clipping acting. --compile is asked for under FSDP: the eager loop runs
+    instead, with one note saying so."""
     common = FAST + ["--model", warm_tiny, "--method", "no-think", "--max-steps", "2",
                      "--batch-size", "2", "--num-generations", "4", "--lr", "1e-3", "--beta", "0.04",
                      "--shots", "4", "--warm-start-steps", "2", "--warm-start-lr", "1e-3",
                      "--max-grad-norm", "100", "--precision", "fp32"]
-    run_script(GRPO, common + ["--grad-accum", "1", "--fsdp", "--output-dir", "fsdp",
-                               "--eval-every", "2", "--eval-limit", "8"], tmp_path, nproc=2)
+    out = run_script(GRPO, common + ["--grad-accum", "1", "--fsdp", "--output-dir", "fsdp",
+                                     "--eval-every", "2", "--eval-limit", "8", "--compile"], tmp_path, nproc=2)
+    assert out.count("--compile: not used with --fsdp") == 1  # the eager loop instead, said once
     run_script(GRPO, common + ["--grad-accum", "1", "--output-dir", "ddp"], tmp_path, nproc=2)
     run_script(GRPO, common + ["--grad-accum", "2", "--output-dir", "one"], tmp_path)
     fsdp, ddp, one = (weights(tmp_path / f"{name}/checkpoint-000002") for name in ("fsdp", "ddp", "one"))
