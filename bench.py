@@ -500,7 +500,7 @@ def lora_step(args, preset, state, processor, prompts, device, precision, full: 
 
 # ----------------------------------------------------------------------------- what fits where
 
-def memory_budget(model, *, precision="bf16", fsdp=False, world_size=1, group_size=4,
+def memory_budget(model, *, precision="bf16", fsdp=False, compile=False, world_size=1, group_size=4,
                   completion_tokens=8, prompt_tokens=746, image_patches=784, batch_size=1,
                   grad_accum=2, beta=0.04) -> dict[str, float]:
     """Bytes per GPU of a GRPO run, by component. Counted from `model`'s
@@ -515,6 +515,7 @@ def memory_budget(model, *, precision="bf16", fsdp=False, world_size=1, group_si
       none when beta = 0; sharded under FSDP);
     - working copy: the compute-dtype copy a rollout or a micro-step's policy pass computes with
       (run.compute_context; under FSDP the gathered policy); none in fp32 or for a bf16 base;
+      with --compile the rollout's copy is kept between rollouts (fixed addresses), a second one;
     - activations: an ESTIMATE for one micro-step's scoring: about 22 x hidden + 8 x FFN bytes
       saved per token per layer in bf16 (norm inputs with their fp32 copies, q/k/v, attention
       output, the MLP's four FFN-wide tensors), twice that in fp32, over the prompt + G
@@ -534,7 +535,8 @@ def memory_budget(model, *, precision="bf16", fsdp=False, world_size=1, group_si
         "gradients": 4 * trainable / (shard if grad_accum == 1 else 1) if fsdp else 4 * trainable,
         "adamw": 8 * trainable / shard,
         "reference": 0 if lora or not beta else compute * trainable / shard,
-        "working copy": compute * trainable if precision == "bf16" or fsdp else 0,
+        "working copy": (compute * trainable if precision == "bf16" or fsdp else 0)
+                        * (2 if compile and precision == "bf16" and not fsdp else 1),
         "activations": batch_size * (per_token * (prompt_tokens + group_size * completion_tokens)
                                      + per_patch * image_patches),
     }

@@ -112,7 +112,7 @@ def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_
 def held_out_accuracy(args, run: Run, model, processor, test_data, policy=None) -> float:
     """The training scripts' --eval-every: greedy accuracy on the test split (a fraction), in
     the run's precision (under FSDP on the full weights, gathered once through its `policy`)."""
-    with torch.no_grad(), full_weights(policy), compute_context(model, args.precision):
+    with torch.no_grad(), full_weights(policy), compute_context(model, args.precision, keep=args.compile):
         return accuracy(model, processor, test_data, args.method, rank=run.rank,
                         world_size=run.world_size, batch_size=args.eval_batch_size,
                         max_new_tokens=args.max_new_tokens, image_size=args.image_size,

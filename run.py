@@ -235,7 +235,7 @@ def swapped_weights(model, weights: dict):
             module._parameters[attribute] = parameter
 
 
-def compute_context(model, precision: str):
+def compute_context(model, precision: str, keep: bool = False):
     """Where the forward (and backward) math of `--precision bf16` happens: the fp32 master
     weights are cast to bf16 ONCE when the block starts (one cast per weight for a whole
     rollout, not one per decode step; differentiable, so gradients reach the fp32 masters in
@@ -246,12 +246,20 @@ def compute_context(model, precision: str):
     reference compute identically from identical weights (KL exactly 0 at the start).
     (torch.autocast would keep norms and the residual stream in fp32: another computation.)
     Backward must run inside the block when activation checkpointing recomputes the forward
-    then. `fp32`: plain fp32 math, nothing to do."""
+    then. `keep` (a --compile rollout, no gradients): the bf16 copies live on between blocks,
+    refilled in place, at addresses a CUDA graph may keep (2 bytes per weight for the run).
+    `fp32`: plain fp32 math, nothing to do."""
     if precision == "fp32" or sharded(model):
         return nullcontext()
-    casts = {}  # one cast per tensor: tied names share it
+    casts, kept = {}, model.__dict__.setdefault("kept_bf16", {})  # one cast per tensor: tied names share it
     for parameter in model.parameters():
-        casts[id(parameter)] = parameter.to(torch.bfloat16)  # itself if already bf16
+        if keep and parameter.dtype != torch.bfloat16:
+            if id(parameter) not in kept:
+                kept[id(parameter)] = torch.empty_like(parameter, dtype=torch.bfloat16)
+                torch._dynamo.mark_static_address(kept[id(parameter)])  # a graph input, never copied
+            casts[id(parameter)] = kept[id(parameter)].copy_(parameter.detach())
+        else:
+            casts[id(parameter)] = parameter.to(torch.bfloat16)  # itself if already bf16
     return swapped_weights(model, {name: casts[id(parameter)]
                                    for name, parameter in model.named_parameters(remove_duplicate=False)})
 

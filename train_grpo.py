@@ -212,7 +212,7 @@ def main(argv=None):
         prompts = build_prompts(processor, batch.images, batch.texts, run.device)
         seeds = [rollout_seed(args.seed, step, run.rank * B * A + j) for j in range(B * A)]
         # one region: each weight cast to bf16 once (DDP), or gathered once (FSDP), per rollout
-        with torch.no_grad(), full_weights(policy), compute_context(model, args.precision):
+        with torch.no_grad(), full_weights(policy), compute_context(model, args.precision, keep=args.compile):
             rollout = sample_groups(model, processor, prompts, G, args.max_new_tokens,
                                     args.temperature, args.top_p, seeds, compile=args.compile)
         # 2. rewards, and advantages within each group of G completions of one prompt

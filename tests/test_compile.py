@@ -105,23 +105,27 @@ def rounding_gaps(model, processor, prompts, completion_ids):
 
 
 def test_bf16_rollouts_compile_once_and_read_the_weights_of_each_rollout(fresh_tiny, batch):
-    """--precision bf16 as train_grpo.py runs a rollout (run.compute_context: bf16 casts of the
-    fp32 masters swapped in for the parameters), with an update of the masters between two
-    rollouts: the compiled step is not compiled again, and each greedy token is the best one
-    under that rollout's weights up to bf16 rounding (compiled and eager bf16 kernels round
-    differently, so their tokens may part where two logits are within rounding)."""
+    """--precision bf16 as train_grpo.py runs a --compile rollout (run.compute_context with keep:
+    bf16 copies of the fp32 masters, refilled in place, swapped in for the parameters), with an
+    update of the masters between two rollouts: the compiled step is not compiled again, the bf16
+    weights stay at their addresses (a CUDA graph replays on them), and each greedy token is the
+    best one under that rollout's weights up to bf16 rounding (compiled and eager bf16 kernels
+    round differently, so their tokens may part where two logits are within rounding)."""
     model, processor = fresh_tiny
-    graphs = []
+    graphs, addresses = [], []
     for rollout in range(2):
-        with torch.no_grad(), R.compute_context(model, "bf16"):
+        with torch.no_grad(), R.compute_context(model, "bf16", keep=True):
             ids = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, 0, compile=True).completion_ids
             graphs.append(compiled_graphs())
+            addresses.append([p.data_ptr() for p in model.parameters()])
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
             gaps, scale = rounding_gaps(model, processor, batch, ids)
             assert gaps.max() <= scale * 2 ** -5, rollout  # a few bf16 roundings of the largest logit
         with torch.no_grad():  # "the optimizer step": the masters move
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter) * parameter.std() * 0.3)
     assert graphs[1] == graphs[0]  # no new compilation for the second rollout
+    assert addresses[1] == addresses[0]
     with torch.no_grad(), R.compute_context(model, "bf16"):  # stale tokens: far from the best
         gaps, scale = rounding_gaps(model, processor, batch, ids)
         assert gaps.max() > scale * 2 ** -5

@@ -113,7 +113,10 @@ def test_shared_prefix_scoring_equals_full_sequences_in_bf16(real):
 def test_sampling_equals_generate_and_the_compiled_decode_the_eager_loop(real):
     """fp32 (TF32 off): greedy tokens equal Hugging Face's generate; seeded sampling does not
     depend on the batch a group shares; --compile's decode (CUDA graphs) gives the eager loop's
-    tokens, greedy and sampled."""
+    tokens, greedy and sampled. Sampling at temperature 0.05: random weights spread the
+    probability almost evenly over 151,936 tokens, where the last bit of a logit moves a sample
+    (kernels of another shape round differently); the sharpened distribution is what a trained
+    model's is like, and samples then move only at true near-ties."""
     model, processor = real
     prompts, _ = prompts_and_completions(processor)
     greedy = M.sample_groups(model, processor, prompts, 1, 16, temperature=0)
@@ -124,10 +127,10 @@ def test_sampling_equals_generate_and_the_compiled_decode_the_eager_loop(real):
         suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
         pad_token_id=processor.pad_id)[:, prompts.input_ids.shape[1]:]
     assert torch.equal(greedy.completion_ids, reference[:, :greedy.completion_ids.shape[1]])
-    sampled = M.sample_groups(model, processor, prompts, 4, 16, seeds=[1, 2])
-    alone = M.sample_groups(model, processor, M.slice_prompts(prompts, 1, 2), 4, 16, seeds=[2])
+    sampled = M.sample_groups(model, processor, prompts, 4, 16, 0.05, seeds=[1, 2])
+    alone = M.sample_groups(model, processor, M.slice_prompts(prompts, 1, 2), 4, 16, 0.05, seeds=[2])
     assert torch.equal(sampled.completion_ids[4:, :alone.completion_ids.shape[1]], alone.completion_ids)
-    for temperature, G, seeds in ((0, 1, None), (1.0, 4, [1, 2])):
+    for temperature, G, seeds in ((0, 1, None), (0.05, 4, [1, 2])):
         eager = M.sample_groups(model, never_ending(processor), prompts, G, 16, temperature, seeds=seeds)
         compiled = M.sample_groups(model, never_ending(processor), prompts, G, 16, temperature, seeds=seeds,
                                    compile=True)
