@@ -78,8 +78,8 @@ PROMPT_SUFFIX = {  # appended to the question, as the authors trained (docs/meth
                 "</answer>'.",
 }
 
-_OBJECT = "What type of object is in the photo?"
-QUESTIONS = {name: _OBJECT for name in DATASETS + ("demo",)}  # the authors' data notebook
+# Questions with a candidate list, worded as in the authors' data notebook.
+QUESTIONS = dict.fromkeys(DATASETS + ("demo",), "What type of object is in the photo?")
 QUESTIONS.update(eurosat="What type of object is in the centered satellite photo?",
                  ucf101="What actions is the person performing in the photo?",
                  dtd="What type of texture is in the photo?",
@@ -88,8 +88,7 @@ QUESTIONS.update(eurosat="What type of object is in the centered satellite photo
 # Open-set questions name what kind of answer is wanted, since no list says it. Only the
 # flowers wording is the paper's; the others are ours, written the same way. The object, aircraft
 # and texture questions already name the kind, so those datasets ask the same in both modes.
-OPEN_SET_QUESTIONS = dict(QUESTIONS,
-                          oxford_pets="What breed of pet is in the photo?",
+OPEN_SET_QUESTIONS = dict(QUESTIONS, oxford_pets="What breed of pet is in the photo?",
                           stanford_cars="What make and model of car is in the photo?",
                           oxford_flowers="What type of flower is in the photo?",
                           food101="What type of food is in the photo?",
@@ -126,14 +125,11 @@ def _check_choice(flag: str, value, valid) -> None:
 
 def _layout(dataset: str, root: str) -> str:
     """The files a dataset needs, for error messages."""
-    d = os.path.join(root, dataset)  # the folder of imagenet and fgvc_aircraft
-    if dataset == "imagenet":
-        parts = [f"{d}/images/train/<wnid>/", f"{d}/images/val/<wnid>/", f"{d}/classnames.txt"]
-    elif dataset == "fgvc_aircraft":
-        parts = [f"{d}/images/", f"{d}/variants.txt", f"{d}/images_variant_{{train,val,test}}.txt"]
-    else:
-        folder, images, split_file = SPLIT_FILE_LAYOUT[dataset]
-        parts = [os.path.join(root, folder, images, ""), os.path.join(root, folder, split_file)]
+    folder, images, split_file = SPLIT_FILE_LAYOUT.get(dataset, (dataset, "", ""))
+    no_split_file = {"imagenet": ["images/train/<wnid>/", "images/val/<wnid>/", "classnames.txt"],
+                     "fgvc_aircraft": ["images/", "variants.txt", "images_variant_{train,val,test}.txt"]}
+    inside = no_split_file.get(dataset, [os.path.join(images, ""), split_file])  # the dataset's folder
+    parts = [os.path.join(root, folder, part) for part in inside]
     return "expected the CoOp layout: " + ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
