@@ -226,9 +226,25 @@ def _read_fgvc_aircraft(root: str, split: str):
     return dataset_dir, names, items
 
 
-def _sample_fewshot(items: list, shots: int, seed: int) -> list:
-    """Dassl's few-shot rule: per label, in order of first appearance, `shots` items drawn
-    by one generator (all of them when a label has fewer)."""
+def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_file: str | None) -> list:
+    """The few-shot training items: read back from `fewshot_file` when it exists, else
+    sampled (and saved there when a file is named). The file holds the choice over ALL
+    classes, so one file serves the fewshot, base and new settings."""
+    wanted = {"dataset": dataset, "shots": shots, "seed": seed}
+    if fewshot_file is not None and os.path.exists(fewshot_file):
+        saved = read_json(fewshot_file)
+        found = {key: saved.get(key) for key in wanted}
+        if found != wanted:
+            raise ValueError(f"few-shot file {fewshot_file} holds the choice for {found}, but this run "
+                             f"asks for {wanted}; pass another file or delete it to sample again")
+        label_of = dict(items)
+        foreign = [path for path in saved.get("images", []) if path not in label_of]
+        if foreign:
+            raise ValueError(f"few-shot file {fewshot_file}: {len(foreign)} images are not in the train "
+                             f"split of {dataset}, e.g. {foreign[:3]}")
+        return [(path, label_of[path]) for path in saved["images"]]
+    # Dassl's few-shot rule: per label, in order of first appearance, `shots` items drawn by one
+    # generator (all of them when a label has fewer).
     by_label = {}  # dicts keep insertion order: the first-appearance order of the labels
     for item in items:
         by_label.setdefault(item[1], []).append(item)
@@ -236,31 +252,10 @@ def _sample_fewshot(items: list, shots: int, seed: int) -> list:
     chosen = []
     for group in by_label.values():
         chosen += rng.sample(group, shots) if len(group) >= shots else group
+    if fewshot_file is not None:
+        choice = dict(wanted, images=[path for path, _ in chosen])
+        write_atomic(fewshot_file, json.dumps(choice, indent=1))
     return chosen
-
-
-def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_file: str | None) -> list:
-    """The few-shot training items: read back from `fewshot_file` when it exists, else
-    sampled (and saved there when a file is named). The file holds the choice over ALL
-    classes, so one file serves the fewshot, base and new settings."""
-    wanted = {"dataset": dataset, "shots": shots, "seed": seed}
-    if fewshot_file is None or not os.path.exists(fewshot_file):
-        chosen = _sample_fewshot(items, shots, seed)
-        if fewshot_file is not None:
-            choice = dict(wanted, images=[path for path, _ in chosen])
-            write_atomic(fewshot_file, json.dumps(choice, indent=1))
-        return chosen
-    saved = read_json(fewshot_file)
-    found = {key: saved.get(key) for key in wanted}
-    if found != wanted:
-        raise ValueError(f"few-shot file {fewshot_file} holds the choice for {found}, but this run "
-                         f"asks for {wanted}; pass another file or delete it to sample again")
-    label_of = dict(items)
-    foreign = [path for path in saved.get("images", []) if path not in label_of]
-    if foreign:
-        raise ValueError(f"few-shot file {fewshot_file}: {len(foreign)} images are not in the train "
-                         f"split of {dataset}, e.g. {foreign[:3]}")
-    return [(path, label_of[path]) for path in saved["images"]]
 
 
 def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", split: str = "train",
@@ -322,9 +317,7 @@ def num_candidates(num_classes: int, setting: str) -> int:
     """
     _check_choice("setting", setting, SETTINGS)
     count = int((0.4 if setting == "fewshot" else 0.8) * num_classes)
-    if count < 30:  # a short list costs few tokens: show every class
-        count = num_classes
-    return min(count, 100)
+    return min(num_classes if count < 30 else count, 100)  # a short list costs few tokens: show all
 
 
 def make_question(data: ClassificationData, index: int, method: str, seed: int, epoch: int = 0,
