@@ -397,8 +397,7 @@ def load_step_examples(data: ClassificationData, step: int, *, seed: int, method
     picks = step_picks(seed, len(data.examples), step, world_size * per_rank)
     out, bad = StepExamples([], [], [], [], 0), set()
     for index, epoch in picks[rank * per_rank:(rank + 1) * per_rank]:
-        for attempt in range(len(data.examples)):
-            i = (index + attempt) % len(data.examples)
+        for i in (k % len(data.examples) for k in range(index, index + len(data.examples))):
             try:
                 image = load_image(data.examples[i].image, image_size)
                 break
@@ -556,22 +555,19 @@ def main(argv: list[str] | None = None) -> None:
     a("--epoch", type=int, default=0, help="epoch whose candidate lists to draw")
     a("--dump", help="write the examples here as JSON lines")
     args = parser.parse_args(argv)
-    try:
+    try:  # a bad data set or an unwritable --dump: one line, no traceback
         data = load_data(args.dataset, args.data_root, args.setting, args.split,
                          shots=args.shots or None, seed=args.seed, fewshot_file=args.fewshot_file)
+        rows = []
+        for index, example in enumerate(data.examples):
+            question, candidates = make_question(data, index, args.method, args.seed, args.epoch,
+                                                 args.open_set)
+            rows.append({"index": index, "image": example.image, "label": example.classname,
+                         "label_index": example.label, "candidates": candidates, "question": question})
+        if args.dump:
+            write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
     except (OSError, ValueError) as err:
         parser.exit(2, f"data.py: error: {err}\n")
-    rows = []
-    for index, example in enumerate(data.examples):
-        question, candidates = make_question(data, index, args.method, args.seed, args.epoch,
-                                             args.open_set)
-        rows.append({"index": index, "image": example.image, "label": example.classname,
-                     "label_index": example.label, "candidates": candidates, "question": question})
-    if args.dump:
-        try:
-            write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
-        except OSError as err:
-            parser.exit(2, f"data.py: error: {err}\n")
     listed = 0 if args.open_set else num_candidates(len(data.classnames), data.setting)
     print(f"{data.dataset} {data.setting}/{data.split}: {len(data.classnames)} classes, "
           f"{len(data.examples)} examples, {listed} candidates per question"
