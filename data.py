@@ -453,7 +453,6 @@ def read_json(path: str, hint: str = ""):
 # The demo set: each class differs in colour AND shape, so even a tiny model can learn it.
 DEMO_CLASSES = ("red circle", "blue square", "green triangle", "yellow star", "purple diamond",
                 "orange cross", "cyan hexagon", "pink pentagon", "white ring", "black arrow")
-DEMO_SPLIT_SIZES = {"train": 16, "val": 8, "test": 10}  # images per class
 _COLOURS = dict(red=(220, 30, 30), blue=(30, 60, 220), green=(30, 170, 50), yellow=(240, 220, 30),
                 purple=(140, 40, 170), orange=(250, 140, 20), cyan=(30, 210, 220), pink=(250, 120, 190),
                 white=(250, 250, 250), black=(15, 15, 15))
@@ -461,8 +460,7 @@ _COLOURS = dict(red=(220, 30, 30), blue=(30, 60, 220), green=(30, 170, 50), yell
 
 def _regular(corners: int, radii=(1.0,)) -> list[tuple[float, float]]:
     angles = [2 * math.pi * i / corners - math.pi / 2 for i in range(corners)]  # first corner up
-    return [(radii[i % len(radii)] * math.cos(a), radii[i % len(radii)] * math.sin(a))
-            for i, a in enumerate(angles)]
+    return [(radius * math.cos(a), radius * math.sin(a)) for radius, a in zip(radii * corners, angles)]
 
 
 # Outlines in units of the shape's radius, centred on (0, 0); circle and ring are ellipses.
@@ -497,20 +495,6 @@ def _draw_demo_image(rng: random.Random, classname: str) -> Image.Image:
     return image
 
 
-def _generate_demo(folder: Path) -> None:
-    rng = random.Random(0)  # fixed: the demo is the same, file for file, on every machine
-    split = {part: [] for part in DEMO_SPLIT_SIZES}
-    parts = [part for part, count in DEMO_SPLIT_SIZES.items() for _ in range(count)]  # image -> split
-    for label, classname in enumerate(DEMO_CLASSES):
-        class_folder = classname.replace(" ", "_")  # CoOp-style names: underscores on disk
-        (folder / "images" / class_folder).mkdir(parents=True)
-        for number, part in enumerate(parts):
-            path = f"{class_folder}/{number}.png"
-            _draw_demo_image(rng, classname).save(folder / "images" / path)
-            split[part].append([path, label, class_folder])
-    (folder / "split_demo.json").write_text(json.dumps(split, indent=1))
-
-
 def demo_root(data_root: str | None = None) -> Path:
     """The demo set's folder, drawn on first use: <data_root>/demo, else $CLS_RL_CACHE/demo,
     else ~/.cache/cls-rl/demo.
@@ -527,7 +511,17 @@ def demo_root(data_root: str | None = None) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
-        _generate_demo(tmp)
+        rng = random.Random(0)  # fixed: the demo is the same, file for file, on every machine
+        parts = ["train"] * 16 + ["val"] * 8 + ["test"] * 10  # the split of each image of a class
+        split = {"train": [], "val": [], "test": []}
+        for label, classname in enumerate(DEMO_CLASSES):
+            class_folder = classname.replace(" ", "_")  # CoOp-style names: underscores on disk
+            (tmp / "images" / class_folder).mkdir(parents=True)
+            for number, part in enumerate(parts):
+                path = f"{class_folder}/{number}.png"
+                _draw_demo_image(rng, classname).save(tmp / "images" / path)
+                split[part].append([path, label, class_folder])
+        (tmp / "split_demo.json").write_text(json.dumps(split, indent=1))
         try:
             os.rename(tmp, root)
         except OSError:
