@@ -178,14 +178,13 @@ def _read_imagenet(root: str, split: str):
     split_folder = "train" if split == "train" else "val"  # CoOp tests on the val set
     _require("imagenet", root, names_path, train_dir, os.path.join(dataset_dir, "images", split_folder))
     name_of = {}
-    with open(names_path) as f:
-        for line_number, line in enumerate(f, 1):
-            parts = line.split(maxsplit=1)  # "<wnid> <name>"; names hold spaces
-            if len(parts) == 1:  # else a class '' would be listed, and an empty answer judged right
-                raise ValueError(f"{names_path} line {line_number}: {parts[0]!r} has no class name; "
-                                 "expected '<wnid> <class name>'")
-            if parts:
-                name_of[parts[0]] = parts[1].strip()
+    for line_number, line in enumerate(Path(names_path).read_text().splitlines(), 1):
+        parts = line.split(maxsplit=1)  # "<wnid> <name>"; names hold spaces
+        if len(parts) == 1:  # else a class '' would be listed, and an empty answer judged right
+            raise ValueError(f"{names_path} line {line_number}: {parts[0]!r} has no class name; "
+                             "expected '<wnid> <class name>'")
+        if parts:
+            name_of[parts[0]] = parts[1].strip()
     # Labels follow the sorted train folders, as in CoOp, whatever order the names file has.
     wnids = _subfolders(train_dir)
     if not wnids:
@@ -210,19 +209,17 @@ def _read_fgvc_aircraft(root: str, split: str):
     variants_path = os.path.join(dataset_dir, "variants.txt")
     list_path = os.path.join(dataset_dir, f"images_variant_{split}.txt")
     _require("fgvc_aircraft", root, os.path.join(dataset_dir, "images"), variants_path, list_path)
-    with open(variants_path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in Path(variants_path).read_text().splitlines() if line.strip()]
     label_of = {name: label for label, name in enumerate(names)}
     items = []
-    with open(list_path) as f:
-        for line_number, line in enumerate(f, 1):
-            image_id, _, variant = line.strip().partition(" ")  # variants hold spaces and '/'
-            if not image_id:
-                continue
-            if variant.strip() not in label_of:
-                raise ValueError(f"{list_path} line {line_number}: variant {variant.strip()!r} "
-                                 f"is not a line of {variants_path}")
-            items.append((os.path.join("images", image_id + ".jpg"), label_of[variant.strip()]))
+    for line_number, line in enumerate(Path(list_path).read_text().splitlines(), 1):
+        image_id, _, variant = line.strip().partition(" ")  # variants hold spaces and '/'
+        if not image_id:
+            continue
+        if variant.strip() not in label_of:
+            raise ValueError(f"{list_path} line {line_number}: variant {variant.strip()!r} "
+                             f"is not a line of {variants_path}")
+        items.append((os.path.join("images", image_id + ".jpg"), label_of[variant.strip()]))
     return dataset_dir, names, items
 
 
