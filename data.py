@@ -270,15 +270,13 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
     _check_choice("split", split, SPLITS)
     if shots is not None and shots < 1:
         raise ValueError(f"shots must be at least 1 (or None for every training image), got {shots}")
-    if dataset == "demo":
-        root = str(demo_root(data_root).parent)
-    elif data_root is None:
+    if dataset != "demo" and data_root is None:
         raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); "
                          f"{_layout(dataset, '<root>')}")
-    else:
-        root = os.path.abspath(os.path.expanduser(data_root))
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data root {root} does not exist; {_layout(dataset, root)}")
+    root = (str(demo_root(data_root).parent) if dataset == "demo"  # the demo is drawn on first use
+            else os.path.abspath(os.path.expanduser(data_root)))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data root {root} does not exist; {_layout(dataset, root)}")
 
     reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft}.get(dataset)
     dataset_dir, names, items = reader(root, split) if reader else _read_split_file(root, dataset, split)
