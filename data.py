@@ -337,9 +337,8 @@ def make_question(data: ClassificationData, index: int, method: str, seed: int, 
         labels[rng.randrange(count)] = truth
     rng.shuffle(labels)
     candidates = [data.classnames[label] for label in labels]
-    text = (QUESTIONS[data.dataset] + "\nPlease choose one from list [ " + ", ".join(candidates)
-            + "]." + PROMPT_SUFFIX[method])
-    return text, candidates
+    return (QUESTIONS[data.dataset] + "\nPlease choose one from list [ " + ", ".join(candidates) + "]."
+            + PROMPT_SUFFIX[method], candidates)
 
 
 def load_image(path: str, size: int) -> Image.Image:
@@ -455,6 +454,7 @@ _COLOURS = dict(red=(220, 30, 30), blue=(30, 60, 220), green=(30, 170, 50), yell
 
 def _regular(corners: int, radii=(1.0,)) -> list[tuple[float, float]]:
     angles = [2 * math.pi * i / corners - math.pi / 2 for i in range(corners)]  # first corner up
+    # the radii take turns round the corners: a star's alternate outer and inner
     return [(radius * math.cos(a), radius * math.sin(a)) for radius, a in zip(radii * corners, angles)]
 
 
