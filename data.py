@@ -78,8 +78,8 @@ PROMPT_SUFFIX = {  # appended to the question, as the authors trained (docs/meth
                 "</answer>'.",
 }
 
-_OBJECT = "What type of object is in the photo?"
-QUESTIONS = {name: _OBJECT for name in DATASETS + ("demo",)}  # the authors' data notebook
+# Questions with a candidate list, worded as in the authors' data notebook.
+QUESTIONS = dict.fromkeys(DATASETS + ("demo",), "What type of object is in the photo?")
 QUESTIONS.update(eurosat="What type of object is in the centered satellite photo?",
                  ucf101="What actions is the person performing in the photo?",
                  dtd="What type of texture is in the photo?",
@@ -88,8 +88,7 @@ QUESTIONS.update(eurosat="What type of object is in the centered satellite photo
 # Open-set questions name what kind of answer is wanted, since no list says it. Only the
 # flowers wording is the paper's; the others are ours, written the same way. The object, aircraft
 # and texture questions already name the kind, so those datasets ask the same in both modes.
-OPEN_SET_QUESTIONS = dict(QUESTIONS,
-                          oxford_pets="What breed of pet is in the photo?",
+OPEN_SET_QUESTIONS = dict(QUESTIONS, oxford_pets="What breed of pet is in the photo?",
                           stanford_cars="What make and model of car is in the photo?",
                           oxford_flowers="What type of flower is in the photo?",
                           food101="What type of food is in the photo?",
@@ -126,14 +125,11 @@ def _check_choice(flag: str, value, valid) -> None:
 
 def _layout(dataset: str, root: str) -> str:
     """The files a dataset needs, for error messages."""
-    d = os.path.join(root, dataset)  # the folder of imagenet and fgvc_aircraft
-    if dataset == "imagenet":
-        parts = [f"{d}/images/train/<wnid>/", f"{d}/images/val/<wnid>/", f"{d}/classnames.txt"]
-    elif dataset == "fgvc_aircraft":
-        parts = [f"{d}/images/", f"{d}/variants.txt", f"{d}/images_variant_{{train,val,test}}.txt"]
-    else:
-        folder, images, split_file = SPLIT_FILE_LAYOUT[dataset]
-        parts = [os.path.join(root, folder, images, ""), os.path.join(root, folder, split_file)]
+    folder, images, split_file = SPLIT_FILE_LAYOUT.get(dataset, (dataset, "", ""))
+    no_split_file = {"imagenet": ["images/train/<wnid>/", "images/val/<wnid>/", "classnames.txt"],
+                     "fgvc_aircraft": ["images/", "variants.txt", "images_variant_{train,val,test}.txt"]}
+    inside = no_split_file.get(dataset, [os.path.join(images, ""), split_file])  # the dataset's folder
+    parts = [os.path.join(root, folder, part) for part in inside]
     return "expected the CoOp layout: " + ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -182,14 +178,13 @@ def _read_imagenet(root: str, split: str):
     split_folder = "train" if split == "train" else "val"  # CoOp tests on the val set
     _require("imagenet", root, names_path, train_dir, os.path.join(dataset_dir, "images", split_folder))
     name_of = {}
-    with open(names_path) as f:
-        for line_number, line in enumerate(f, 1):
-            parts = line.split(maxsplit=1)  # "<wnid> <name>"; names hold spaces
-            if len(parts) == 1:  # else a class '' would be listed, and an empty answer judged right
-                raise ValueError(f"{names_path} line {line_number}: {parts[0]!r} has no class name; "
-                                 "expected '<wnid> <class name>'")
-            if parts:
-                name_of[parts[0]] = parts[1].strip()
+    for line_number, line in enumerate(Path(names_path).read_text().splitlines(), 1):
+        parts = line.split(maxsplit=1)  # "<wnid> <name>"; names hold spaces
+        if len(parts) == 1:  # else a class '' would be listed, and an empty answer judged right
+            raise ValueError(f"{names_path} line {line_number}: {parts[0]!r} has no class name; "
+                             "expected '<wnid> <class name>'")
+        if parts:
+            name_of[parts[0]] = parts[1].strip()
     # Labels follow the sorted train folders, as in CoOp, whatever order the names file has.
     wnids = _subfolders(train_dir)
     if not wnids:
@@ -214,33 +209,18 @@ def _read_fgvc_aircraft(root: str, split: str):
     variants_path = os.path.join(dataset_dir, "variants.txt")
     list_path = os.path.join(dataset_dir, f"images_variant_{split}.txt")
     _require("fgvc_aircraft", root, os.path.join(dataset_dir, "images"), variants_path, list_path)
-    with open(variants_path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in Path(variants_path).read_text().splitlines() if line.strip()]
     label_of = {name: label for label, name in enumerate(names)}
     items = []
-    with open(list_path) as f:
-        for line_number, line in enumerate(f, 1):
-            image_id, _, variant = line.strip().partition(" ")  # variants hold spaces and '/'
-            if not image_id:
-                continue
-            if variant.strip() not in label_of:
-                raise ValueError(f"{list_path} line {line_number}: variant {variant.strip()!r} "
-                                 f"is not a line of {variants_path}")
-            items.append((os.path.join("images", image_id + ".jpg"), label_of[variant.strip()]))
+    for line_number, line in enumerate(Path(list_path).read_text().splitlines(), 1):
+        image_id, _, variant = line.strip().partition(" ")  # variants hold spaces and '/'
+        if not image_id:
+            continue
+        if variant.strip() not in label_of:
+            raise ValueError(f"{list_path} line {line_number}: variant {variant.strip()!r} "
+                             f"is not a line of {variants_path}")
+        items.append((os.path.join("images", image_id + ".jpg"), label_of[variant.strip()]))
     return dataset_dir, names, items
-
-
-def _sample_fewshot(items: list, shots: int, seed: int) -> list:
-    """Dassl's few-shot rule: per label, in order of first appearance, `shots` items drawn
-    by one generator (all of them when a label has fewer)."""
-    by_label = {}  # dicts keep insertion order: the first-appearance order of the labels
-    for item in items:
-        by_label.setdefault(item[1], []).append(item)
-    rng = random.Random(seed)
-    chosen = []
-    for group in by_label.values():
-        chosen += rng.sample(group, shots) if len(group) >= shots else group
-    return chosen
 
 
 def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_file: str | None) -> list:
@@ -248,23 +228,31 @@ def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_fil
     sampled (and saved there when a file is named). The file holds the choice over ALL
     classes, so one file serves the fewshot, base and new settings."""
     wanted = {"dataset": dataset, "shots": shots, "seed": seed}
-    if fewshot_file is None or not os.path.exists(fewshot_file):
-        chosen = _sample_fewshot(items, shots, seed)
-        if fewshot_file is not None:
-            choice = dict(wanted, images=[path for path, _ in chosen])
-            write_atomic(fewshot_file, json.dumps(choice, indent=1))
-        return chosen
-    saved = read_json(fewshot_file)
-    found = {key: saved.get(key) for key in wanted}
-    if found != wanted:
-        raise ValueError(f"few-shot file {fewshot_file} holds the choice for {found}, but this run "
-                         f"asks for {wanted}; pass another file or delete it to sample again")
-    label_of = dict(items)
-    foreign = [path for path in saved.get("images", []) if path not in label_of]
-    if foreign:
-        raise ValueError(f"few-shot file {fewshot_file}: {len(foreign)} images are not in the train "
-                         f"split of {dataset}, e.g. {foreign[:3]}")
-    return [(path, label_of[path]) for path in saved["images"]]
+    if fewshot_file is not None and os.path.exists(fewshot_file):
+        saved = read_json(fewshot_file)
+        found = {key: saved.get(key) for key in wanted}
+        if found != wanted:
+            raise ValueError(f"few-shot file {fewshot_file} holds the choice for {found}, but this run "
+                             f"asks for {wanted}; pass another file or delete it to sample again")
+        label_of = dict(items)
+        foreign = [path for path in saved.get("images", []) if path not in label_of]
+        if foreign:
+            raise ValueError(f"few-shot file {fewshot_file}: {len(foreign)} images are not in the train "
+                             f"split of {dataset}, e.g. {foreign[:3]}")
+        return [(path, label_of[path]) for path in saved["images"]]
+    # Dassl's few-shot rule: per label, in order of first appearance, `shots` items drawn by one
+    # generator (all of them when a label has fewer).
+    by_label = {}  # dicts keep insertion order: the first-appearance order of the labels
+    for item in items:
+        by_label.setdefault(item[1], []).append(item)
+    rng = random.Random(seed)
+    chosen = []
+    for group in by_label.values():
+        chosen += rng.sample(group, shots) if len(group) >= shots else group
+    if fewshot_file is not None:
+        choice = dict(wanted, images=[path for path, _ in chosen])
+        write_atomic(fewshot_file, json.dumps(choice, indent=1))
+    return chosen
 
 
 def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", split: str = "train",
@@ -282,15 +270,13 @@ def load_data(dataset: str, data_root: str | None, setting: str = "fewshot", spl
     _check_choice("split", split, SPLITS)
     if shots is not None and shots < 1:
         raise ValueError(f"shots must be at least 1 (or None for every training image), got {shots}")
-    if dataset == "demo":
-        root = str(demo_root(data_root).parent)
-    elif data_root is None:
+    if dataset != "demo" and data_root is None:
         raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); "
                          f"{_layout(dataset, '<root>')}")
-    else:
-        root = os.path.abspath(os.path.expanduser(data_root))
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data root {root} does not exist; {_layout(dataset, root)}")
+    root = (str(demo_root(data_root).parent) if dataset == "demo"  # the demo is drawn on first use
+            else os.path.abspath(os.path.expanduser(data_root)))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data root {root} does not exist; {_layout(dataset, root)}")
 
     reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft}.get(dataset)
     dataset_dir, names, items = reader(root, split) if reader else _read_split_file(root, dataset, split)
@@ -326,9 +312,7 @@ def num_candidates(num_classes: int, setting: str) -> int:
     """
     _check_choice("setting", setting, SETTINGS)
     count = int((0.4 if setting == "fewshot" else 0.8) * num_classes)
-    if count < 30:  # a short list costs few tokens: show every class
-        count = num_classes
-    return min(count, 100)
+    return min(num_classes if count < 30 else count, 100)  # a short list costs few tokens: show all
 
 
 def make_question(data: ClassificationData, index: int, method: str, seed: int, epoch: int = 0,
@@ -353,9 +337,8 @@ def make_question(data: ClassificationData, index: int, method: str, seed: int, 
         labels[rng.randrange(count)] = truth
     rng.shuffle(labels)
     candidates = [data.classnames[label] for label in labels]
-    text = (QUESTIONS[data.dataset] + "\nPlease choose one from list [ " + ", ".join(candidates)
-            + "]." + PROMPT_SUFFIX[method])
-    return text, candidates
+    return (QUESTIONS[data.dataset] + "\nPlease choose one from list [ " + ", ".join(candidates) + "]."
+            + PROMPT_SUFFIX[method], candidates)
 
 
 def load_image(path: str, size: int) -> Image.Image:
@@ -408,8 +391,7 @@ def load_step_examples(data: ClassificationData, step: int, *, seed: int, method
     picks = step_picks(seed, len(data.examples), step, world_size * per_rank)
     out, bad = StepExamples([], [], [], [], 0), set()
     for index, epoch in picks[rank * per_rank:(rank + 1) * per_rank]:
-        for attempt in range(len(data.examples)):
-            i = (index + attempt) % len(data.examples)
+        for i in (k % len(data.examples) for k in range(index, index + len(data.examples))):
             try:
                 image = load_image(data.examples[i].image, image_size)
                 break
@@ -465,7 +447,6 @@ def read_json(path: str, hint: str = ""):
 # The demo set: each class differs in colour AND shape, so even a tiny model can learn it.
 DEMO_CLASSES = ("red circle", "blue square", "green triangle", "yellow star", "purple diamond",
                 "orange cross", "cyan hexagon", "pink pentagon", "white ring", "black arrow")
-DEMO_SPLIT_SIZES = {"train": 16, "val": 8, "test": 10}  # images per class
 _COLOURS = dict(red=(220, 30, 30), blue=(30, 60, 220), green=(30, 170, 50), yellow=(240, 220, 30),
                 purple=(140, 40, 170), orange=(250, 140, 20), cyan=(30, 210, 220), pink=(250, 120, 190),
                 white=(250, 250, 250), black=(15, 15, 15))
@@ -473,8 +454,8 @@ _COLOURS = dict(red=(220, 30, 30), blue=(30, 60, 220), green=(30, 170, 50), yell
 
 def _regular(corners: int, radii=(1.0,)) -> list[tuple[float, float]]:
     angles = [2 * math.pi * i / corners - math.pi / 2 for i in range(corners)]  # first corner up
-    return [(radii[i % len(radii)] * math.cos(a), radii[i % len(radii)] * math.sin(a))
-            for i, a in enumerate(angles)]
+    # the radii take turns round the corners: a star's alternate outer and inner
+    return [(radius * math.cos(a), radius * math.sin(a)) for radius, a in zip(radii * corners, angles)]
 
 
 # Outlines in units of the shape's radius, centred on (0, 0); circle and ring are ellipses.
@@ -509,20 +490,6 @@ def _draw_demo_image(rng: random.Random, classname: str) -> Image.Image:
     return image
 
 
-def _generate_demo(folder: Path) -> None:
-    rng = random.Random(0)  # fixed: the demo is the same, file for file, on every machine
-    split = {part: [] for part in DEMO_SPLIT_SIZES}
-    parts = [part for part, count in DEMO_SPLIT_SIZES.items() for _ in range(count)]  # image -> split
-    for label, classname in enumerate(DEMO_CLASSES):
-        class_folder = classname.replace(" ", "_")  # CoOp-style names: underscores on disk
-        (folder / "images" / class_folder).mkdir(parents=True)
-        for number, part in enumerate(parts):
-            path = f"{class_folder}/{number}.png"
-            _draw_demo_image(rng, classname).save(folder / "images" / path)
-            split[part].append([path, label, class_folder])
-    (folder / "split_demo.json").write_text(json.dumps(split, indent=1))
-
-
 def demo_root(data_root: str | None = None) -> Path:
     """The demo set's folder, drawn on first use: <data_root>/demo, else $CLS_RL_CACHE/demo,
     else ~/.cache/cls-rl/demo.
@@ -539,7 +506,17 @@ def demo_root(data_root: str | None = None) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
-        _generate_demo(tmp)
+        rng = random.Random(0)  # fixed: the demo is the same, file for file, on every machine
+        parts = ["train"] * 16 + ["val"] * 8 + ["test"] * 10  # the split of each image of a class
+        split = {"train": [], "val": [], "test": []}
+        for label, classname in enumerate(DEMO_CLASSES):
+            class_folder = classname.replace(" ", "_")  # CoOp-style names: underscores on disk
+            (tmp / "images" / class_folder).mkdir(parents=True)
+            for number, part in enumerate(parts):
+                path = f"{class_folder}/{number}.png"
+                _draw_demo_image(rng, classname).save(tmp / "images" / path)
+                split[part].append([path, label, class_folder])
+        (tmp / "split_demo.json").write_text(json.dumps(split, indent=1))
         try:
             os.rename(tmp, root)
         except OSError:
@@ -567,22 +544,19 @@ def main(argv: list[str] | None = None) -> None:
     a("--epoch", type=int, default=0, help="epoch whose candidate lists to draw")
     a("--dump", help="write the examples here as JSON lines")
     args = parser.parse_args(argv)
-    try:
+    try:  # a bad data set or an unwritable --dump: one line, no traceback
         data = load_data(args.dataset, args.data_root, args.setting, args.split,
                          shots=args.shots or None, seed=args.seed, fewshot_file=args.fewshot_file)
+        rows = []
+        for index, example in enumerate(data.examples):
+            question, candidates = make_question(data, index, args.method, args.seed, args.epoch,
+                                                 args.open_set)
+            rows.append({"index": index, "image": example.image, "label": example.classname,
+                         "label_index": example.label, "candidates": candidates, "question": question})
+        if args.dump:
+            write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
     except (OSError, ValueError) as err:
         parser.exit(2, f"data.py: error: {err}\n")
-    rows = []
-    for index, example in enumerate(data.examples):
-        question, candidates = make_question(data, index, args.method, args.seed, args.epoch,
-                                             args.open_set)
-        rows.append({"index": index, "image": example.image, "label": example.classname,
-                     "label_index": example.label, "candidates": candidates, "question": question})
-    if args.dump:
-        try:
-            write_atomic(args.dump, "".join(json.dumps(row) + "\n" for row in rows))
-        except OSError as err:
-            parser.exit(2, f"data.py: error: {err}\n")
     listed = 0 if args.open_set else num_candidates(len(data.classnames), data.setting)
     print(f"{data.dataset} {data.setting}/{data.split}: {len(data.classnames)} classes, "
           f"{len(data.examples)} examples, {listed} candidates per question"
