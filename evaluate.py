@@ -36,7 +36,7 @@ from data import (DATASETS, SETTINGS, ClassificationData, ImageError, load_data,
                   make_question, read_json, write_atomic)
 from model import Processor, build_prompts, load_model, sample_groups
 from run import (Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags, compute_context,
-                 full_weights, join_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
+                 full_weights, join_job, leave_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
                  saved_state)
 
 # evaluation prompt name -> the training method whose suffix it uses
@@ -155,7 +155,7 @@ def summarise(records: list[dict]) -> dict:
       for one class, the answer gives another); think_answer_pairs is that denominator.
     - mean_completion_tokens: tokens generated per answer, the end token included.
     evaluate_dataset adds inference_seconds (the prediction loop, model loading excluded),
-    timed_images and images_per_second, summed over --resume passes (accumulate_timing);
+    timed_images and images_per_second, summed over --resume passes (timing.json);
     add_comparison adds change_paper / change_strict; `average` makes the average row."""
     answered = [r for r in records if "error" not in r]
     listed = [r for r in answered if r["candidates"]]  # none with --open-set: nothing to hedge among
@@ -263,18 +263,6 @@ def read_summary(path: str, what: str) -> dict:
 def write_predictions(folder: str, records: dict[int, dict]):
     write_atomic(os.path.join(folder, "predictions.jsonl"),
                    "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
-
-
-def accumulate_timing(folder: str, seconds: float, images: int, resume: bool) -> dict:
-    """Inference time and images of this pass, added to earlier passes' (timing.json)."""
-    path = os.path.join(folder, "timing.json")
-    total = {"inference_seconds": 0.0, "timed_images": 0}
-    if resume and os.path.isfile(path):
-        total.update(read_json(path))
-    total["inference_seconds"] += seconds
-    total["timed_images"] += images
-    write_atomic(path, json.dumps(total))
-    return dict(total, images_per_second=images_per_second(total))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -416,9 +404,10 @@ def earlier_predictions(run: Run, folder: str, resume: bool) -> tuple[dict[int, 
 
 def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
                      method: str) -> dict | None:
-    """Predict (or finish predicting) one test split; its summary row on rank 0. Ranks append each
-    finished batch to <dataset>/predictions.rank<R>.jsonl, merged at the end into predictions.jsonl;
-    resumed with the same --batch-size, the remaining batches are those of an uninterrupted run."""
+    """Predict (or finish predicting) one test split; its summary row, printed, on rank 0. Ranks
+    append each finished batch to <dataset>/predictions.rank<R>.jsonl, merged at the end into
+    predictions.jsonl; resumed with the same --batch-size, the remaining batches are those of an
+    uninterrupted run. timing.json sums inference time and images over --resume passes."""
     folder = os.path.join(args.output_dir, data.dataset)
     count = min(len(data.examples), args.limit or len(data.examples))
     done, skip = earlier_predictions(run, folder, args.resume)
@@ -427,19 +416,18 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
     shard = os.path.join(folder, f"predictions.rank{run.rank}.jsonl")
     write_atomic(shard, "")  # emptied: its records are in `done` or redone; makes the folder too
     records = []
-    bar = tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True)
     barrier(run)
     t0 = time.perf_counter()
-    for batch in predict(model, processor, data, method, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, image_size=args.image_size,
-                         seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
-                         rank=run.rank, world_size=run.world_size, compile=args.compile):
-        append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
-        records += batch
-        bar.update(len(batch) * run.world_size)
-    barrier(run)
-    seconds = time.perf_counter() - t0
-    bar.close()
+    with tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True) as bar:
+        for batch in predict(model, processor, data, method, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, image_size=args.image_size,
+                             seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
+                             rank=run.rank, world_size=run.world_size, compile=args.compile):
+            append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
+            records += batch
+            bar.update(len(batch) * run.world_size)
+        barrier(run)
+        seconds = time.perf_counter() - t0
     parts = [records]  # every rank's records, on rank 0
     if run.world_size > 1:
         parts = [None] * run.world_size if run.is_main else None
@@ -450,7 +438,14 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
         write_predictions(folder, done)
         # the first `count` images are this evaluation (a longer earlier run may have done more)
         row = summarise([done[i] for i in sorted(done) if i < count])
-        row.update(accumulate_timing(folder, seconds, todo, args.resume))
+        timing_path = os.path.join(folder, "timing.json")
+        earlier = read_json(timing_path) if args.resume and os.path.isfile(timing_path) else {}
+        timing = {"inference_seconds": earlier.get("inference_seconds", 0.0) + seconds,
+                  "timed_images": earlier.get("timed_images", 0) + todo}
+        write_atomic(timing_path, json.dumps(timing))
+        row.update(timing, images_per_second=images_per_second(timing))
+        print(f"{data.dataset}: accuracy {row['accuracy_paper']:.2f}% (paper rule), "
+              f"{row['accuracy_strict']:.2f}% (strict), {row['images']} images", flush=True)
     barrier(run)  # rank 0 has saved everything: the rank files can go
     os.remove(shard)
     return row
@@ -459,7 +454,7 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
 def run_evaluation(argv):
     args = parse_eval_args(argv)
     with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
-        trained = saved_state(args.model).get("args", {}) if os.path.isdir(args.model) else {}
+        trained = saved_state(args.model).get("args", {})  # {} for a model not trained here
         args.prompt = choose_prompt(args, trained)
         input_notes = choose_inputs(args, trained)
         baseline = read_summary(args.compare, "--compare") if args.compare else None
@@ -473,13 +468,8 @@ def run_evaluation(argv):
     print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} "
                 f"suffix) on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)",
            sep="\n")
-    per_dataset = {}
-    for name, data in test_sets.items():
-        row = evaluate_dataset(args, run, model, processor, data, method)
-        if run.is_main:
-            per_dataset[name] = row
-            print(f"{name}: accuracy {row['accuracy_paper']:.2f}% (paper rule), "
-                  f"{row['accuracy_strict']:.2f}% (strict), {row['images']} images", flush=True)
+    per_dataset = {name: evaluate_dataset(args, run, model, processor, data, method)
+                   for name, data in test_sets.items()}  # the rows, on rank 0
     if run.is_main:
         missing = add_comparison(per_dataset, baseline) if baseline is not None else []
         if missing:
@@ -489,8 +479,7 @@ def run_evaluation(argv):
                        trained_setting=trained.get("setting"), trained_method=trained.get("method"),
                        datasets=per_dataset, average=average(per_dataset), args=vars(args))
         write_table(args.output_dir, "summary", summary, summary_markdown(summary))
-    if run.world_size > 1:
-        dist.destroy_process_group()
+    leave_job(run)
 
 
 def merge_summaries(paths: list[str], what: str) -> dict:
