@@ -103,9 +103,8 @@ def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_
     predicts its share and every rank returns the accuracy over all of them."""
     batches = predict(model, processor, data, method, rank=rank, world_size=world_size, **predict_kwargs)
     records = [record for batch in batches for record in batch]
-    counts = all_reduce(Run(rank, world_size, model.device),
-                              {"right": sum(r.get("correct_paper", False) for r in records),
-                               "images": len(records)})
+    counts = all_reduce(Run(rank, world_size, model.device), {
+        "right": sum(r.get("correct_paper", False) for r in records), "images": len(records)})
     return counts["right"] / max(1.0, counts["images"])
 
 
@@ -160,8 +159,7 @@ def summarise(records: list[dict]) -> dict:
     answered = [r for r in records if "error" not in r]
     listed = [r for r in answered if r["candidates"]]  # none with --open-set: nothing to hedge among
     thinking = [r for r in answered if r["thinks"]]
-    pairs = [(named_classes(think_text(r["completion"]), r["candidates"]), r["named"])
-             for r in thinking]
+    pairs = [(named_classes(think_text(r["completion"]), r["candidates"]), r["named"]) for r in thinking]
     pairs = [(thought, answer) for thought, answer in pairs if thought and answer]
     return dict(
         images=len(records), unreadable_images=len(records) - len(answered),
@@ -345,12 +343,10 @@ def choose_inputs(args, trained: dict) -> list[str]:
     for name, default in INPUT_DEFAULTS.items():
         flag, value, training = f"--{name.replace('_', '-')}", getattr(args, name), trained.get(name)
         if value is None and training is not None:
-            setattr(args, name, training)
             taken.append(f"{name.replace('_', ' ')} {training}")
-        elif value is None:
-            setattr(args, name, default)
         elif training is not None and value != training:
             notes.append(f"note: {flag} {value}, but {args.model} was trained with {flag} {training}")
+        setattr(args, name, next(v for v in (value, training, default) if v is not None))
     return [f"{', '.join(taken)}, from the checkpoint's training flags"] * bool(taken) + notes
 
 
@@ -358,8 +354,7 @@ def check_output_dir(args, names: list[str]):
     """A new run never mixes into earlier predictions; a resumed one only into its own kind."""
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.isfile(saved_path):
-        saved = read_json(saved_path)
-        changed = changed_flags(saved, args, RESUME_MUST_MATCH)
+        changed = changed_flags(read_json(saved_path), args, RESUME_MUST_MATCH)
         if changed:
             raise SystemExit(f"evaluate.py: --resume: {args.output_dir} holds predictions made with "
                              f"other settings ({'; '.join(changed)}); rerun with the same settings, "
@@ -409,7 +404,7 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
     predictions.jsonl; resumed with the same --batch-size, the remaining batches are those of an
     uninterrupted run. timing.json sums inference time and images over --resume passes."""
     folder = os.path.join(args.output_dir, data.dataset)
-    count = min(len(data.examples), args.limit or len(data.examples))
+    count = len(data.examples[:args.limit])
     done, skip = earlier_predictions(run, folder, args.resume)
     todo = count - sum(i < count for i in skip)
     print0(run, f"{data.dataset}: {count} test images, {count - todo} done earlier, {todo} to predict")
@@ -465,9 +460,8 @@ def run_evaluation(argv):
             write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
         model, processor = load_model(args.model, run.device)
     method = PROMPTS[args.prompt]
-    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} "
-                f"suffix) on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)",
-           sep="\n")
+    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) "
+           f"on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)", sep="\n")
     per_dataset = {name: evaluate_dataset(args, run, model, processor, data, method)
                    for name, data in test_sets.items()}  # the rows, on rank 0
     if run.is_main:
@@ -670,10 +664,9 @@ def plot_main(argv) -> str | None:
               "test_accuracy": "held-out accuracy (fraction)",
               "completion_length": "completion length (tokens)", "loss": "loss"}
     runs = {}  # label (the run's folder, else the file) -> its metrics records
-    with one_line_errors("evaluate.py plot"):
-        for file in args.metrics:
-            label = os.path.basename(os.path.dirname(os.path.abspath(file)))
-            runs[label if label not in runs else file] = read_jsonl(file)
+    for file in args.metrics:  # a missing or bad file: main's one-line error
+        label = os.path.basename(os.path.dirname(os.path.abspath(file)))
+        runs[label if label not in runs else file] = read_jsonl(file)
     panels = [(key, title) for key, title in titles.items()
               if any(r.get(key) is not None for records in runs.values() for r in records)]
     if not panels:
