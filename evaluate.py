@@ -32,16 +32,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rewards import extract_answer, is_correct, named_classes, think_text, thinks
-from data import (DATASETS, SETTINGS, ClassificationData, ImageError, load_data, load_image,
-                  make_question, read_json, write_atomic)
+from data import (DATASETS, PROMPT_SUFFIX, SETTINGS, ClassificationData, ImageError, load_data,
+                  load_image, make_question, read_json, write_atomic)
 from model import Processor, build_prompts, load_model, sample_groups
 from run import (Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags, compute_context,
                  full_weights, join_job, leave_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
                  saved_state)
 
-# evaluation prompt name -> the training method whose suffix it uses
-PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "think-after-answer",
-           "adaptive": "adaptive"}
+# evaluation prompt name -> the training method whose suffix it uses (cls-rl's thinks)
+PROMPTS = {"think": "cls-rl", **{method: method for method in PROMPT_SUFFIX if method != "cls-rl"}}
 # what a --resume must share with the run it continues, or its records would mix two evaluations
 RESUME_MUST_MATCH = ("model", "setting", "prompt", "open_set", "image_size", "max_new_tokens", "seed")
 # flags that change what the model is shown (the picture, the order of the candidates): by default
@@ -319,26 +318,22 @@ def load_test_sets(args) -> dict[str, ClassificationData]:
     return test_sets
 
 
-def choose_prompt(args, trained: dict) -> str:
-    """--prompt, else the checkpoint's training method (its trainer_state.pt), else think; a prompt
-    of another method needs --allow-prompt-mismatch. (The authors' scripts ended the question
-    with "First output the thinking process..." or "Please directly output the answer name.")"""
+def choose_inputs(args, trained: dict) -> list[str]:
+    """What the model is shown, like what it was trained on (`trained`: the checkpoint's flags, from
+    its trainer_state.pt). --prompt: else the prompt of its training method, else think; a prompt of
+    another method needs --allow-prompt-mismatch. (The authors' scripts ended the question with
+    "First output the thinking process..." or "Please directly output the answer name.")
+    --image-size and --seed: else its training values, else INPUT_DEFAULTS; a value given that
+    differs from training is used. Returns the lines to print about it."""
     trained_method = trained.get("method")
     native = {method: name for name, method in PROMPTS.items()}.get(trained_method, "think")
     if args.prompt is None:
-        return native
-    if trained_method and PROMPTS[args.prompt] != trained_method and not args.allow_prompt_mismatch:
+        args.prompt = native
+    elif trained_method and PROMPTS[args.prompt] != trained_method and not args.allow_prompt_mismatch:
         raise SystemExit(f"evaluate.py: --prompt {args.prompt} asks with the {PROMPTS[args.prompt]} "
                          f"training suffix, but {args.model} was trained with --method "
                          f"{trained_method}; pass --prompt {native}, or --allow-prompt-mismatch to "
                          "evaluate it with this prompt anyway")
-    return args.prompt
-
-
-def choose_inputs(args, trained: dict) -> list[str]:
-    """--image-size and --seed not given: the checkpoint's training values (`trained`, its flags),
-    else INPUT_DEFAULTS, so a model is evaluated on inputs like those it was trained on. A value
-    given that differs from training is used. Returns the lines to print about it."""
     taken, notes = [], []
     for name, default in INPUT_DEFAULTS.items():
         flag, value, training = f"--{name.replace('_', '-')}", getattr(args, name), trained.get(name)
@@ -444,36 +439,6 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
     barrier(run)  # rank 0 has saved everything: the rank files can go
     os.remove(shard)
     return row
-
-
-def run_evaluation(argv):
-    args = parse_eval_args(argv)
-    with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
-        trained = saved_state(args.model).get("args", {})  # {} for a model not trained here
-        args.prompt = choose_prompt(args, trained)
-        input_notes = choose_inputs(args, trained)
-        baseline = read_summary(args.compare, "--compare") if args.compare else None
-        test_sets = load_test_sets(args)
-        check_output_dir(args, list(test_sets))
-        run = join_job(args.device, args.dist_timeout)
-        if run.is_main:
-            write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
-        model, processor = load_model(args.model, run.device)
-    method = PROMPTS[args.prompt]
-    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) "
-           f"on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)", sep="\n")
-    per_dataset = {name: evaluate_dataset(args, run, model, processor, data, method)
-                   for name, data in test_sets.items()}  # the rows, on rank 0
-    if run.is_main:
-        missing = add_comparison(per_dataset, baseline) if baseline is not None else []
-        if missing:
-            print(f"note: --compare {args.compare} has no {', '.join(missing)}: no change shown")
-        summary = dict(model=args.model, prompt=args.prompt, method=method, setting=args.setting,
-                       open_set=args.open_set, compare=args.compare, trained_on=trained.get("dataset"),
-                       trained_setting=trained.get("setting"), trained_method=trained.get("method"),
-                       datasets=per_dataset, average=average(per_dataset), args=vars(args))
-        write_table(args.output_dir, "summary", summary, summary_markdown(summary))
-    leave_job(run)
 
 
 def merge_summaries(paths: list[str], what: str) -> dict:
@@ -694,7 +659,31 @@ def main(argv=None):
     if argv and argv[0] in commands:
         with one_line_errors(f"evaluate.py {argv[0]}"):  # an output that cannot be written, say
             return commands[argv[0]](argv[1:])
-    return run_evaluation(argv)
+    args = parse_eval_args(argv)
+    with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
+        trained = saved_state(args.model).get("args", {})  # {} for a model not trained here
+        input_notes = choose_inputs(args, trained)
+        baseline = read_summary(args.compare, "--compare") if args.compare else None
+        test_sets = load_test_sets(args)
+        check_output_dir(args, list(test_sets))
+        run = join_job(args.device, args.dist_timeout)
+        if run.is_main:
+            write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
+        model, processor = load_model(args.model, run.device)
+    method = PROMPTS[args.prompt]
+    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) "
+           f"on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)", sep="\n")
+    per_dataset = {name: evaluate_dataset(args, run, model, processor, data, method)
+                   for name, data in test_sets.items()}  # the rows, on rank 0
+    if run.is_main:
+        if baseline is not None and (missing := add_comparison(per_dataset, baseline)):
+            print(f"note: --compare {args.compare} has no {', '.join(missing)}: no change shown")
+        summary = dict(model=args.model, prompt=args.prompt, method=method, setting=args.setting,
+                       open_set=args.open_set, compare=args.compare, trained_on=trained.get("dataset"),
+                       trained_setting=trained.get("setting"), trained_method=trained.get("method"),
+                       datasets=per_dataset, average=average(per_dataset), args=vars(args))
+        write_table(args.output_dir, "summary", summary, summary_markdown(summary))
+    leave_job(run)
 
 
 if __name__ == "__main__":
