@@ -472,9 +472,8 @@ def command_parser(name: str, description: str, inputs: str, inputs_help: str,
 def table_main(argv) -> dict:
     """The paper's Table 2: the accuracies of one model per dataset (each evaluated on its own)
     and their plain mean."""
-    args = command_parser(
-        "table", table_main.__doc__, "summaries", "summary.json files (or their folders)",
-        "runs/table", "table.json and table.md go here").parse_args(argv)
+    args = command_parser("table", table_main.__doc__, "summaries", "summary.json files (or their "
+                          "folders)", "runs/table", "table.json and table.md go here").parse_args(argv)
     merged = merge_summaries(args.summaries, "SUMMARY")
     table = dict(merged, average=average(merged["datasets"]))
     rows = [[name, fmt(row["accuracy_paper"]), fmt(row["accuracy_strict"]),
@@ -525,9 +524,8 @@ def base2new_main(argv) -> dict:
              "accuracies, as the paper computes it (its Table 1), not the mean of the rows' H."]
     notes += [f"Left out, evaluated {side.replace('_', ' ')}: {', '.join(table[side])}."
               for side in ("only_in_base", "only_in_new") if table[side]]
-    markdown = (f"# Base-to-new ({args.rule} rule)\n\n"
-                + markdown_table(["dataset", "base", "new", "H"], cells) + "\n" + "\n".join(notes) + "\n")
-    write_table(args.output_dir, "base2new", table, markdown)
+    body = markdown_table(["dataset", "base", "new", "H"], cells) + "\n" + "\n".join(notes) + "\n"
+    write_table(args.output_dir, "base2new", table, f"# Base-to-new ({args.rule} rule)\n\n{body}")
     return table
 
 
@@ -573,9 +571,8 @@ def matrix_main(argv) -> dict:
     cells = [[name, *(fmt(changes.get(column), sign="+") for column in columns),
               fmt(table["mean"][name], sign="+"), fmt(table["mean_others"][name], sign="+")]
              for name, changes in rows.items()]
-    markdown = (f"# Accuracy change against zero-shot ({args.rule} rule, points)\n\n"
-                + markdown_table(header, cells))
-    write_table(args.output_dir, "matrix", table, markdown)
+    write_table(args.output_dir, "matrix", table, f"# Accuracy change against zero-shot ({args.rule} "
+                "rule, points)\n\n" + markdown_table(header, cells))
     plot_matrix(table, os.path.join(args.output_dir, "matrix.png"))
     return table
 
@@ -637,8 +634,6 @@ def plot_main(argv) -> str | None:
     if not panels:
         raise SystemExit(f"evaluate.py plot: {', '.join(args.metrics)} hold none of "
                          f"{', '.join(titles)}; expected metrics.jsonl of a training run")
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])),
-                                         "training_curves.png")
 
     def draw(fig):
         for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -649,11 +644,13 @@ def plot_main(argv) -> str | None:
             ax.set(title=title, xlabel="step", xlim=(0, None))  # step 0: before training
             if len(runs) > 1:
                 ax.legend(fontsize=8)
-    return save_figure(output, (4 * len(panels), 3.2), draw)
+    return save_figure(args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])),
+                                                   "training_curves.png"), (4 * len(panels), 3.2), draw)
 
 
 def main(argv=None):
-    """`evaluate.py [flags]` evaluates; `evaluate.py table|base2new|matrix|plot ...` tabulates or draws."""
+    """`evaluate.py [flags]` evaluates (parse_eval_args); `evaluate.py table|base2new|matrix|plot ...`
+    tabulates or draws."""
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"table": table_main, "base2new": base2new_main, "matrix": matrix_main, "plot": plot_main}
     if argv and argv[0] in commands:
