@@ -454,16 +454,16 @@ def merge_summaries(paths: list[str], what: str) -> dict:
     return merged
 
 
-def command_parser(name: str, description: str, inputs: str, inputs_help: str,
-                   output_default: str | None, output_help: str, rule_help: str | None = None):
-    """The parser of a table or picture command (its docstring is the `description`): its input
-    files, --output-dir (plot, which writes one picture: --output), and --rule where a judge is
-    chosen (`rule_help`)."""
-    parser = argparse.ArgumentParser(prog=f"evaluate.py {name}", description=description,
+def command_parser(command, inputs: str, inputs_help: str, output_help: str, rule_help: str = ""):
+    """The parser of a table or picture command, `command` its <name>_main function (its docstring
+    is the description): its input files, --output-dir runs/<name> (plot, which writes one picture:
+    --output, no default), and --rule where a judge is chosen (`rule_help`)."""
+    name = command.__name__.removesuffix("_main")
+    parser = argparse.ArgumentParser(prog=f"evaluate.py {name}", description=command.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(inputs, nargs="+", help=inputs_help)
-    parser.add_argument("--output" if name == "plot" else "--output-dir", default=output_default,
-                        help=output_help)
+    parser.add_argument("--output" if name == "plot" else "--output-dir",
+                        default=None if name == "plot" else f"runs/{name}", help=output_help)
     if rule_help:
         parser.add_argument("--rule", default="paper", choices=["paper", "strict"], help=rule_help)
     return parser
@@ -472,8 +472,8 @@ def command_parser(name: str, description: str, inputs: str, inputs_help: str,
 def table_main(argv) -> dict:
     """The paper's Table 2: the accuracies of one model per dataset (each evaluated on its own)
     and their plain mean."""
-    args = command_parser("table", table_main.__doc__, "summaries", "summary.json files (or their "
-                          "folders)", "runs/table", "table.json and table.md go here").parse_args(argv)
+    args = command_parser(table_main, "summaries", "summary.json files (or their folders)",
+                          "table.json and table.md go here").parse_args(argv)
     merged = merge_summaries(args.summaries, "SUMMARY")
     table = dict(merged, average=average(merged["datasets"]))
     rows = [[name, fmt(row["accuracy_paper"]), fmt(row["accuracy_strict"]),
@@ -491,11 +491,10 @@ def base2new_main(argv) -> dict:
     """The base-to-new table (the paper's Table 1) from evaluations of models trained on the base
     classes, with --setting base and --setting new (one pair per dataset, or one pair covering
     several datasets)."""
-    args = command_parser(
-        "base2new", base2new_main.__doc__, "summaries", "summary.json files (or their folders); "
-        "each is sorted into base or new by the --setting it was evaluated with",
-        "runs/base2new", "base2new.json and base2new.md go here",
-        rule_help="which judge's accuracy to tabulate").parse_args(argv)
+    args = command_parser(base2new_main, "summaries", "summary.json files (or their folders); each is "
+                          "sorted into base or new by the --setting it was evaluated with",
+                          "base2new.json and base2new.md go here",
+                          rule_help="which judge's accuracy to tabulate").parse_args(argv)
     sides = {"base": [], "new": []}
     for path in args.summaries:
         setting = read_summary(path, "SUMMARY").get("setting")
@@ -534,10 +533,9 @@ def matrix_main(argv) -> dict:
     fine-tuned on different datasets, each run with --dataset all. Rows: the dataset each model
     was fine-tuned on; columns: evaluated datasets; cells: the accuracy change against zero-shot
     (--zero-shot, else the run's own --compare)."""
-    parser = command_parser(
-        "matrix", matrix_main.__doc__, "runs", "summary.json files (or their folders), one per "
-        "fine-tuned model", "runs/matrix", "matrix.json, matrix.md and matrix.png go here",
-        rule_help="which judge's accuracy to compare")
+    parser = command_parser(matrix_main, "runs", "summary.json files (or their folders), one per "
+                            "fine-tuned model", "matrix.json, matrix.md and matrix.png go here",
+                            rule_help="which judge's accuracy to compare")
     parser.add_argument("--zero-shot", default=None, metavar="SUMMARY",
                         help="the zero-shot run to subtract (default: each run's own --compare)")
     args = parser.parse_args(argv)
@@ -620,8 +618,8 @@ def plot_main(argv) -> str | None:
     """Training curves (reward, accuracy, completion length: the paper's Figures 1 and 3) from
     metrics.jsonl files, as a PNG. Needs matplotlib (optional)."""
     args = command_parser(
-        "plot", plot_main.__doc__, "metrics", "metrics.jsonl of one or more training runs",
-        None, "the PNG to write (default: training_curves.png beside the first file)").parse_args(argv)
+        plot_main, "metrics", "metrics.jsonl of one or more training runs",
+        "the PNG to write (default: training_curves.png beside the first file)").parse_args(argv)
     titles = {"reward": "mean reward", "reward_accuracy": "training accuracy (share of completions)",
               "test_accuracy": "held-out accuracy (fraction)",
               "completion_length": "completion length (tokens)", "loss": "loss"}
