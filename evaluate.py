@@ -512,9 +512,8 @@ def base2new_main(argv) -> dict:
                    "H": harmonic_mean(base[name][key], new[name][key])} for name in base if name in new}
     if not rows:
         raise SystemExit("evaluate.py base2new: the base and new evaluations share no dataset")
-    mean_base, mean_new = mean(r["base"] for r in rows.values()), mean(r["new"] for r in rows.values())
-    table = {"rule": args.rule, "datasets": rows,
-             "average": {"base": mean_base, "new": mean_new, "H": harmonic_mean(mean_base, mean_new)},
+    average = {side: mean(row[side] for row in rows.values()) for side in ("base", "new")}
+    table = {"rule": args.rule, "datasets": rows, "average": dict(average, H=harmonic_mean(**average)),
              "only_in_base": [name for name in base if name not in new],
              "only_in_new": [name for name in new if name not in base], "sources": sides}
     cells = [[name, fmt(row["base"]), fmt(row["new"]), fmt(row["H"])]
@@ -558,9 +557,8 @@ def matrix_main(argv) -> dict:
             raise SystemExit(f"evaluate.py matrix: {path} has no accuracy change (it was evaluated "
                              "without --compare); pass --zero-shot SUMMARY to compute it")
         rows[row_name] = changes
-    known = list(DATASETS) + ["demo"]
-    seen = {name for changes in rows.values() for name in changes}
-    columns = [name for name in known if name in seen] + sorted(seen - set(known))
+    seen = {name for changes in rows.values() for name in changes}  # in the paper's order, then the rest
+    columns = [name for name in (*DATASETS, "demo") if name in seen] + sorted(seen - {*DATASETS, "demo"})
     table = {"rule": args.rule, "columns": columns, "rows": rows,
              "mean": {r: mean(changes.values()) for r, changes in rows.items()},
              "mean_others": {r: mean(v for name, v in changes.items() if name != r)
@@ -571,7 +569,7 @@ def matrix_main(argv) -> dict:
              for name, changes in rows.items()]
     write_table(args.output_dir, "matrix", table, f"# Accuracy change against zero-shot ({args.rule} "
                 "rule, points)\n\n" + markdown_table(header, cells))
-    plot_matrix(table, os.path.join(args.output_dir, "matrix.png"))
+    plot_matrix(rows, columns, args.rule, os.path.join(args.output_dir, "matrix.png"))
     return table
 
 
@@ -592,10 +590,10 @@ def save_figure(path: str, figsize: tuple[float, float], draw) -> str | None:
     return path
 
 
-def plot_matrix(table: dict, path: str) -> str | None:
-    """The free-lunch heat map: green where fine-tuning helped, red where it hurt."""
-    rows, columns = list(table["rows"]), table["columns"]
-    grid = [[table["rows"][r].get(c) for c in columns] for r in rows]
+def plot_matrix(rows: dict[str, dict], columns: list[str], rule: str, path: str) -> str | None:
+    """The free-lunch heat map of matrix.json's rows (fine-tuned on -> evaluated on -> change) and
+    columns: green where fine-tuning helped, red where it hurt."""
+    grid = [[changes.get(c) for c in columns] for changes in rows.values()]
     limit = max([abs(v) for row in grid for v in row if v is not None] + [1e-9])
 
     def draw(fig):
@@ -607,9 +605,9 @@ def plot_matrix(table: dict, path: str) -> str | None:
                 if value is not None:
                     ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(rows)), rows)
+        ax.set_yticks(range(len(rows)), list(rows))
         ax.set(xlabel="evaluated on", ylabel="fine-tuned on",
-               title=f"accuracy change against zero-shot, points ({table['rule']} rule)")
+               title=f"accuracy change against zero-shot, points ({rule} rule)")
         fig.colorbar(image, ax=ax, shrink=0.8)
     return save_figure(path, (1.5 + 0.8 * len(columns), 1.2 + 0.5 * len(rows)), draw)
 
