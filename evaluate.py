@@ -187,8 +187,7 @@ def add_comparison(per_dataset: dict[str, dict], baseline: dict) -> list[str]:
     both evaluated; returns the datasets the baseline lacks."""
     for name, row in per_dataset.items():
         other = baseline["datasets"].get(name, {})
-        for rule in ("paper", "strict"):
-            key = f"accuracy_{rule}"
+        for rule, key in (("paper", "accuracy_paper"), ("strict", "accuracy_strict")):
             row[f"change_{rule}"] = None if other.get(key) is None else row[key] - other[key]
     return [name for name in per_dataset if name not in baseline["datasets"]]
 
@@ -271,8 +270,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_eval_args(argv):
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     a = parser.add_argument
     a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, checkpoint folder, or 'tiny'")
     a("--dataset", default="demo", help="a dataset, several joined by commas, or 'all' (the 11)")
@@ -392,8 +390,7 @@ def earlier_predictions(run: Run, folder: str, resume: bool) -> tuple[dict[int, 
     return done, set(skip)
 
 
-def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
-                     method: str) -> dict | None:
+def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData) -> dict | None:
     """Predict (or finish predicting) one test split; its summary row, printed, on rank 0. Ranks
     append each finished batch to <dataset>/predictions.rank<R>.jsonl, merged at the end into
     predictions.jsonl; resumed with the same --batch-size, the remaining batches are those of an
@@ -409,7 +406,7 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
     barrier(run)
     t0 = time.perf_counter()
     with tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True) as bar:
-        for batch in predict(model, processor, data, method, batch_size=args.batch_size,
+        for batch in predict(model, processor, data, PROMPTS[args.prompt], batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, image_size=args.image_size,
                              seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
                              rank=run.rank, world_size=run.world_size, compile=args.compile):
@@ -666,7 +663,7 @@ def main(argv=None):
     method = PROMPTS[args.prompt]
     print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) "
            f"on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)", sep="\n")
-    per_dataset = {name: evaluate_dataset(args, run, model, processor, data, method)
+    per_dataset = {name: evaluate_dataset(args, run, model, processor, data)
                    for name, data in test_sets.items()}  # the rows, on rank 0
     if run.is_main:
         if baseline is not None and (missing := add_comparison(per_dataset, baseline)):
