@@ -258,7 +258,7 @@ def read_summary(path: str, what: str) -> dict:
 
 def write_predictions(folder: str, records: dict[int, dict]):
     write_atomic(os.path.join(folder, "predictions.jsonl"),
-                   "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
+                 "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
