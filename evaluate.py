@@ -32,16 +32,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rewards import extract_answer, is_correct, named_classes, think_text, thinks
-from data import (DATASETS, SETTINGS, ClassificationData, ImageError, load_data, load_image,
-                  make_question, read_json, write_atomic)
+from data import (DATASETS, PROMPT_SUFFIX, SETTINGS, ClassificationData, ImageError, load_data,
+                  load_image, make_question, read_json, write_atomic)
 from model import Processor, build_prompts, load_model, sample_groups
 from run import (Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags, compute_context,
-                 full_weights, join_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
+                 full_weights, join_job, leave_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
                  saved_state)
 
-# evaluation prompt name -> the training method whose suffix it uses
-PROMPTS = {"think": "cls-rl", "no-think": "no-think", "think-after-answer": "think-after-answer",
-           "adaptive": "adaptive"}
+# evaluation prompt name -> the training method whose suffix it uses (cls-rl's thinks)
+PROMPTS = {"think": "cls-rl", **{method: method for method in PROMPT_SUFFIX if method != "cls-rl"}}
 # what a --resume must share with the run it continues, or its records would mix two evaluations
 RESUME_MUST_MATCH = ("model", "setting", "prompt", "open_set", "image_size", "max_new_tokens", "seed")
 # flags that change what the model is shown (the picture, the order of the candidates): by default
@@ -103,9 +102,8 @@ def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_
     predicts its share and every rank returns the accuracy over all of them."""
     batches = predict(model, processor, data, method, rank=rank, world_size=world_size, **predict_kwargs)
     records = [record for batch in batches for record in batch]
-    counts = all_reduce(Run(rank, world_size, model.device),
-                              {"right": sum(r.get("correct_paper", False) for r in records),
-                               "images": len(records)})
+    counts = all_reduce(Run(rank, world_size, model.device), {
+        "right": sum(r.get("correct_paper", False) for r in records), "images": len(records)})
     return counts["right"] / max(1.0, counts["images"])
 
 
@@ -155,13 +153,12 @@ def summarise(records: list[dict]) -> dict:
       for one class, the answer gives another); think_answer_pairs is that denominator.
     - mean_completion_tokens: tokens generated per answer, the end token included.
     evaluate_dataset adds inference_seconds (the prediction loop, model loading excluded),
-    timed_images and images_per_second, summed over --resume passes (accumulate_timing);
+    timed_images and images_per_second, summed over --resume passes (timing.json);
     add_comparison adds change_paper / change_strict; `average` makes the average row."""
     answered = [r for r in records if "error" not in r]
     listed = [r for r in answered if r["candidates"]]  # none with --open-set: nothing to hedge among
     thinking = [r for r in answered if r["thinks"]]
-    pairs = [(named_classes(think_text(r["completion"]), r["candidates"]), r["named"])
-             for r in thinking]
+    pairs = [(named_classes(think_text(r["completion"]), r["candidates"]), r["named"]) for r in thinking]
     pairs = [(thought, answer) for thought, answer in pairs if thought and answer]
     return dict(
         images=len(records), unreadable_images=len(records) - len(answered),
@@ -190,8 +187,7 @@ def add_comparison(per_dataset: dict[str, dict], baseline: dict) -> list[str]:
     both evaluated; returns the datasets the baseline lacks."""
     for name, row in per_dataset.items():
         other = baseline["datasets"].get(name, {})
-        for rule in ("paper", "strict"):
-            key = f"accuracy_{rule}"
+        for rule, key in (("paper", "accuracy_paper"), ("strict", "accuracy_strict")):
             row[f"change_{rule}"] = None if other.get(key) is None else row[key] - other[key]
     return [name for name in per_dataset if name not in baseline["datasets"]]
 
@@ -262,19 +258,7 @@ def read_summary(path: str, what: str) -> dict:
 
 def write_predictions(folder: str, records: dict[int, dict]):
     write_atomic(os.path.join(folder, "predictions.jsonl"),
-                   "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
-
-
-def accumulate_timing(folder: str, seconds: float, images: int, resume: bool) -> dict:
-    """Inference time and images of this pass, added to earlier passes' (timing.json)."""
-    path = os.path.join(folder, "timing.json")
-    total = {"inference_seconds": 0.0, "timed_images": 0}
-    if resume and os.path.isfile(path):
-        total.update(read_json(path))
-    total["inference_seconds"] += seconds
-    total["timed_images"] += images
-    write_atomic(path, json.dumps(total))
-    return dict(total, images_per_second=images_per_second(total))
+                 "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -286,8 +270,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_eval_args(argv):
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser("evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     a = parser.add_argument
     a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, checkpoint folder, or 'tiny'")
     a("--dataset", default="demo", help="a dataset, several joined by commas, or 'all' (the 11)")
@@ -333,36 +316,30 @@ def load_test_sets(args) -> dict[str, ClassificationData]:
     return test_sets
 
 
-def choose_prompt(args, trained: dict) -> str:
-    """--prompt, else the checkpoint's training method (its trainer_state.pt), else think; a prompt
-    of another method needs --allow-prompt-mismatch. (The authors' scripts ended the question
-    with "First output the thinking process..." or "Please directly output the answer name.")"""
+def choose_inputs(args, trained: dict) -> list[str]:
+    """What the model is shown, like what it was trained on (`trained`: the checkpoint's flags, from
+    its trainer_state.pt). --prompt: else the prompt of its training method, else think; a prompt of
+    another method needs --allow-prompt-mismatch. (The authors' scripts ended the question with
+    "First output the thinking process..." or "Please directly output the answer name.")
+    --image-size and --seed: else its training values, else INPUT_DEFAULTS; a value given that
+    differs from training is used. Returns the lines to print about it."""
     trained_method = trained.get("method")
     native = {method: name for name, method in PROMPTS.items()}.get(trained_method, "think")
     if args.prompt is None:
-        return native
-    if trained_method and PROMPTS[args.prompt] != trained_method and not args.allow_prompt_mismatch:
+        args.prompt = native
+    elif trained_method and PROMPTS[args.prompt] != trained_method and not args.allow_prompt_mismatch:
         raise SystemExit(f"evaluate.py: --prompt {args.prompt} asks with the {PROMPTS[args.prompt]} "
                          f"training suffix, but {args.model} was trained with --method "
                          f"{trained_method}; pass --prompt {native}, or --allow-prompt-mismatch to "
                          "evaluate it with this prompt anyway")
-    return args.prompt
-
-
-def choose_inputs(args, trained: dict) -> list[str]:
-    """--image-size and --seed not given: the checkpoint's training values (`trained`, its flags),
-    else INPUT_DEFAULTS, so a model is evaluated on inputs like those it was trained on. A value
-    given that differs from training is used. Returns the lines to print about it."""
     taken, notes = [], []
     for name, default in INPUT_DEFAULTS.items():
         flag, value, training = f"--{name.replace('_', '-')}", getattr(args, name), trained.get(name)
         if value is None and training is not None:
-            setattr(args, name, training)
             taken.append(f"{name.replace('_', ' ')} {training}")
-        elif value is None:
-            setattr(args, name, default)
         elif training is not None and value != training:
             notes.append(f"note: {flag} {value}, but {args.model} was trained with {flag} {training}")
+        setattr(args, name, next(v for v in (value, training, default) if v is not None))
     return [f"{', '.join(taken)}, from the checkpoint's training flags"] * bool(taken) + notes
 
 
@@ -370,8 +347,7 @@ def check_output_dir(args, names: list[str]):
     """A new run never mixes into earlier predictions; a resumed one only into its own kind."""
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.isfile(saved_path):
-        saved = read_json(saved_path)
-        changed = changed_flags(saved, args, RESUME_MUST_MATCH)
+        changed = changed_flags(read_json(saved_path), args, RESUME_MUST_MATCH)
         if changed:
             raise SystemExit(f"evaluate.py: --resume: {args.output_dir} holds predictions made with "
                              f"other settings ({'; '.join(changed)}); rerun with the same settings, "
@@ -414,32 +390,31 @@ def earlier_predictions(run: Run, folder: str, resume: bool) -> tuple[dict[int, 
     return done, set(skip)
 
 
-def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
-                     method: str) -> dict | None:
-    """Predict (or finish predicting) one test split; its summary row on rank 0. Ranks append each
-    finished batch to <dataset>/predictions.rank<R>.jsonl, merged at the end into predictions.jsonl;
-    resumed with the same --batch-size, the remaining batches are those of an uninterrupted run."""
+def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData) -> dict | None:
+    """Predict (or finish predicting) one test split; its summary row, printed, on rank 0. Ranks
+    append each finished batch to <dataset>/predictions.rank<R>.jsonl, merged at the end into
+    predictions.jsonl; resumed with the same --batch-size, the remaining batches are those of an
+    uninterrupted run. timing.json sums inference time and images over --resume passes."""
     folder = os.path.join(args.output_dir, data.dataset)
-    count = min(len(data.examples), args.limit or len(data.examples))
+    count = len(data.examples[:args.limit])
     done, skip = earlier_predictions(run, folder, args.resume)
     todo = count - sum(i < count for i in skip)
     print0(run, f"{data.dataset}: {count} test images, {count - todo} done earlier, {todo} to predict")
     shard = os.path.join(folder, f"predictions.rank{run.rank}.jsonl")
     write_atomic(shard, "")  # emptied: its records are in `done` or redone; makes the folder too
     records = []
-    bar = tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True)
     barrier(run)
     t0 = time.perf_counter()
-    for batch in predict(model, processor, data, method, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, image_size=args.image_size,
-                         seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
-                         rank=run.rank, world_size=run.world_size, compile=args.compile):
-        append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
-        records += batch
-        bar.update(len(batch) * run.world_size)
-    barrier(run)
-    seconds = time.perf_counter() - t0
-    bar.close()
+    with tqdm(total=todo, desc=data.dataset, disable=not run.is_main, dynamic_ncols=True) as bar:
+        for batch in predict(model, processor, data, PROMPTS[args.prompt], batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, image_size=args.image_size,
+                             seed=args.seed, limit=count, open_set=args.open_set, skip=skip,
+                             rank=run.rank, world_size=run.world_size, compile=args.compile):
+            append_jsonl(shard, batch)  # at once, so an interruption keeps every finished batch
+            records += batch
+            bar.update(len(batch) * run.world_size)
+        barrier(run)
+        seconds = time.perf_counter() - t0
     parts = [records]  # every rank's records, on rank 0
     if run.world_size > 1:
         parts = [None] * run.world_size if run.is_main else None
@@ -450,47 +425,17 @@ def evaluate_dataset(args, run: Run, model, processor, data: ClassificationData,
         write_predictions(folder, done)
         # the first `count` images are this evaluation (a longer earlier run may have done more)
         row = summarise([done[i] for i in sorted(done) if i < count])
-        row.update(accumulate_timing(folder, seconds, todo, args.resume))
+        timing_path = os.path.join(folder, "timing.json")
+        earlier = read_json(timing_path) if args.resume and os.path.isfile(timing_path) else {}
+        timing = {"inference_seconds": earlier.get("inference_seconds", 0.0) + seconds,
+                  "timed_images": earlier.get("timed_images", 0) + todo}
+        write_atomic(timing_path, json.dumps(timing))
+        row.update(timing, images_per_second=images_per_second(timing))
+        print(f"{data.dataset}: accuracy {row['accuracy_paper']:.2f}% (paper rule), "
+              f"{row['accuracy_strict']:.2f}% (strict), {row['images']} images", flush=True)
     barrier(run)  # rank 0 has saved everything: the rank files can go
     os.remove(shard)
     return row
-
-
-def run_evaluation(argv):
-    args = parse_eval_args(argv)
-    with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
-        trained = saved_state(args.model).get("args", {}) if os.path.isdir(args.model) else {}
-        args.prompt = choose_prompt(args, trained)
-        input_notes = choose_inputs(args, trained)
-        baseline = read_summary(args.compare, "--compare") if args.compare else None
-        test_sets = load_test_sets(args)
-        check_output_dir(args, list(test_sets))
-        run = join_job(args.device, args.dist_timeout)
-        if run.is_main:
-            write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
-        model, processor = load_model(args.model, run.device)
-    method = PROMPTS[args.prompt]
-    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} "
-                f"suffix) on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)",
-           sep="\n")
-    per_dataset = {}
-    for name, data in test_sets.items():
-        row = evaluate_dataset(args, run, model, processor, data, method)
-        if run.is_main:
-            per_dataset[name] = row
-            print(f"{name}: accuracy {row['accuracy_paper']:.2f}% (paper rule), "
-                  f"{row['accuracy_strict']:.2f}% (strict), {row['images']} images", flush=True)
-    if run.is_main:
-        missing = add_comparison(per_dataset, baseline) if baseline is not None else []
-        if missing:
-            print(f"note: --compare {args.compare} has no {', '.join(missing)}: no change shown")
-        summary = dict(model=args.model, prompt=args.prompt, method=method, setting=args.setting,
-                       open_set=args.open_set, compare=args.compare, trained_on=trained.get("dataset"),
-                       trained_setting=trained.get("setting"), trained_method=trained.get("method"),
-                       datasets=per_dataset, average=average(per_dataset), args=vars(args))
-        write_table(args.output_dir, "summary", summary, summary_markdown(summary))
-    if run.world_size > 1:
-        dist.destroy_process_group()
 
 
 def merge_summaries(paths: list[str], what: str) -> dict:
@@ -506,16 +451,16 @@ def merge_summaries(paths: list[str], what: str) -> dict:
     return merged
 
 
-def command_parser(name: str, description: str, inputs: str, inputs_help: str,
-                   output_default: str | None, output_help: str, rule_help: str | None = None):
-    """The parser of a table or picture command (its docstring is the `description`): its input
-    files, --output-dir (plot, which writes one picture: --output), and --rule where a judge is
-    chosen (`rule_help`)."""
-    parser = argparse.ArgumentParser(prog=f"evaluate.py {name}", description=description,
+def command_parser(command, inputs: str, inputs_help: str, output_help: str, rule_help: str = ""):
+    """The parser of a table or picture command, `command` its <name>_main function (its docstring
+    is the description): its input files, --output-dir runs/<name> (plot, which writes one picture:
+    --output, no default), and --rule where a judge is chosen (`rule_help`)."""
+    name = command.__name__.removesuffix("_main")
+    parser = argparse.ArgumentParser(prog=f"evaluate.py {name}", description=command.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(inputs, nargs="+", help=inputs_help)
-    parser.add_argument("--output" if name == "plot" else "--output-dir", default=output_default,
-                        help=output_help)
+    parser.add_argument("--output" if name == "plot" else "--output-dir",
+                        default=None if name == "plot" else f"runs/{name}", help=output_help)
     if rule_help:
         parser.add_argument("--rule", default="paper", choices=["paper", "strict"], help=rule_help)
     return parser
@@ -524,9 +469,8 @@ def command_parser(name: str, description: str, inputs: str, inputs_help: str,
 def table_main(argv) -> dict:
     """The paper's Table 2: the accuracies of one model per dataset (each evaluated on its own)
     and their plain mean."""
-    args = command_parser(
-        "table", table_main.__doc__, "summaries", "summary.json files (or their folders)",
-        "runs/table", "table.json and table.md go here").parse_args(argv)
+    args = command_parser(table_main, "summaries", "summary.json files (or their folders)",
+                          "table.json and table.md go here").parse_args(argv)
     merged = merge_summaries(args.summaries, "SUMMARY")
     table = dict(merged, average=average(merged["datasets"]))
     rows = [[name, fmt(row["accuracy_paper"]), fmt(row["accuracy_strict"]),
@@ -544,11 +488,10 @@ def base2new_main(argv) -> dict:
     """The base-to-new table (the paper's Table 1) from evaluations of models trained on the base
     classes, with --setting base and --setting new (one pair per dataset, or one pair covering
     several datasets)."""
-    args = command_parser(
-        "base2new", base2new_main.__doc__, "summaries", "summary.json files (or their folders); "
-        "each is sorted into base or new by the --setting it was evaluated with",
-        "runs/base2new", "base2new.json and base2new.md go here",
-        rule_help="which judge's accuracy to tabulate").parse_args(argv)
+    args = command_parser(base2new_main, "summaries", "summary.json files (or their folders); each is "
+                          "sorted into base or new by the --setting it was evaluated with",
+                          "base2new.json and base2new.md go here",
+                          rule_help="which judge's accuracy to tabulate").parse_args(argv)
     sides = {"base": [], "new": []}
     for path in args.summaries:
         setting = read_summary(path, "SUMMARY").get("setting")
@@ -566,9 +509,8 @@ def base2new_main(argv) -> dict:
                    "H": harmonic_mean(base[name][key], new[name][key])} for name in base if name in new}
     if not rows:
         raise SystemExit("evaluate.py base2new: the base and new evaluations share no dataset")
-    mean_base, mean_new = mean(r["base"] for r in rows.values()), mean(r["new"] for r in rows.values())
-    table = {"rule": args.rule, "datasets": rows,
-             "average": {"base": mean_base, "new": mean_new, "H": harmonic_mean(mean_base, mean_new)},
+    average = {side: mean(row[side] for row in rows.values()) for side in ("base", "new")}
+    table = {"rule": args.rule, "datasets": rows, "average": dict(average, H=harmonic_mean(**average)),
              "only_in_base": [name for name in base if name not in new],
              "only_in_new": [name for name in new if name not in base], "sources": sides}
     cells = [[name, fmt(row["base"]), fmt(row["new"]), fmt(row["H"])]
@@ -577,9 +519,8 @@ def base2new_main(argv) -> dict:
              "accuracies, as the paper computes it (its Table 1), not the mean of the rows' H."]
     notes += [f"Left out, evaluated {side.replace('_', ' ')}: {', '.join(table[side])}."
               for side in ("only_in_base", "only_in_new") if table[side]]
-    markdown = (f"# Base-to-new ({args.rule} rule)\n\n"
-                + markdown_table(["dataset", "base", "new", "H"], cells) + "\n" + "\n".join(notes) + "\n")
-    write_table(args.output_dir, "base2new", table, markdown)
+    body = markdown_table(["dataset", "base", "new", "H"], cells) + "\n" + "\n".join(notes) + "\n"
+    write_table(args.output_dir, "base2new", table, f"# Base-to-new ({args.rule} rule)\n\n{body}")
     return table
 
 
@@ -588,10 +529,9 @@ def matrix_main(argv) -> dict:
     fine-tuned on different datasets, each run with --dataset all. Rows: the dataset each model
     was fine-tuned on; columns: evaluated datasets; cells: the accuracy change against zero-shot
     (--zero-shot, else the run's own --compare)."""
-    parser = command_parser(
-        "matrix", matrix_main.__doc__, "runs", "summary.json files (or their folders), one per "
-        "fine-tuned model", "runs/matrix", "matrix.json, matrix.md and matrix.png go here",
-        rule_help="which judge's accuracy to compare")
+    parser = command_parser(matrix_main, "runs", "summary.json files (or their folders), one per "
+                            "fine-tuned model", "matrix.json, matrix.md and matrix.png go here",
+                            rule_help="which judge's accuracy to compare")
     parser.add_argument("--zero-shot", default=None, metavar="SUMMARY",
                         help="the zero-shot run to subtract (default: each run's own --compare)")
     args = parser.parse_args(argv)
@@ -614,9 +554,8 @@ def matrix_main(argv) -> dict:
             raise SystemExit(f"evaluate.py matrix: {path} has no accuracy change (it was evaluated "
                              "without --compare); pass --zero-shot SUMMARY to compute it")
         rows[row_name] = changes
-    known = list(DATASETS) + ["demo"]
-    seen = {name for changes in rows.values() for name in changes}
-    columns = [name for name in known if name in seen] + sorted(seen - set(known))
+    seen = {name for changes in rows.values() for name in changes}  # in the paper's order, then the rest
+    columns = [name for name in (*DATASETS, "demo") if name in seen] + sorted(seen - {*DATASETS, "demo"})
     table = {"rule": args.rule, "columns": columns, "rows": rows,
              "mean": {r: mean(changes.values()) for r, changes in rows.items()},
              "mean_others": {r: mean(v for name, v in changes.items() if name != r)
@@ -625,10 +564,9 @@ def matrix_main(argv) -> dict:
     cells = [[name, *(fmt(changes.get(column), sign="+") for column in columns),
               fmt(table["mean"][name], sign="+"), fmt(table["mean_others"][name], sign="+")]
              for name, changes in rows.items()]
-    markdown = (f"# Accuracy change against zero-shot ({args.rule} rule, points)\n\n"
-                + markdown_table(header, cells))
-    write_table(args.output_dir, "matrix", table, markdown)
-    plot_matrix(table, os.path.join(args.output_dir, "matrix.png"))
+    write_table(args.output_dir, "matrix", table, f"# Accuracy change against zero-shot ({args.rule} "
+                "rule, points)\n\n" + markdown_table(header, cells))
+    plot_matrix(rows, columns, args.rule, os.path.join(args.output_dir, "matrix.png"))
     return table
 
 
@@ -649,10 +587,10 @@ def save_figure(path: str, figsize: tuple[float, float], draw) -> str | None:
     return path
 
 
-def plot_matrix(table: dict, path: str) -> str | None:
-    """The free-lunch heat map: green where fine-tuning helped, red where it hurt."""
-    rows, columns = list(table["rows"]), table["columns"]
-    grid = [[table["rows"][r].get(c) for c in columns] for r in rows]
+def plot_matrix(rows: dict[str, dict], columns: list[str], rule: str, path: str) -> str | None:
+    """The free-lunch heat map of matrix.json's rows (fine-tuned on -> evaluated on -> change) and
+    columns: green where fine-tuning helped, red where it hurt."""
+    grid = [[changes.get(c) for c in columns] for changes in rows.values()]
     limit = max([abs(v) for row in grid for v in row if v is not None] + [1e-9])
 
     def draw(fig):
@@ -664,9 +602,9 @@ def plot_matrix(table: dict, path: str) -> str | None:
                 if value is not None:
                     ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(rows)), rows)
+        ax.set_yticks(range(len(rows)), list(rows))
         ax.set(xlabel="evaluated on", ylabel="fine-tuned on",
-               title=f"accuracy change against zero-shot, points ({table['rule']} rule)")
+               title=f"accuracy change against zero-shot, points ({rule} rule)")
         fig.colorbar(image, ax=ax, shrink=0.8)
     return save_figure(path, (1.5 + 0.8 * len(columns), 1.2 + 0.5 * len(rows)), draw)
 
@@ -675,23 +613,20 @@ def plot_main(argv) -> str | None:
     """Training curves (reward, accuracy, completion length: the paper's Figures 1 and 3) from
     metrics.jsonl files, as a PNG. Needs matplotlib (optional)."""
     args = command_parser(
-        "plot", plot_main.__doc__, "metrics", "metrics.jsonl of one or more training runs",
-        None, "the PNG to write (default: training_curves.png beside the first file)").parse_args(argv)
+        plot_main, "metrics", "metrics.jsonl of one or more training runs",
+        "the PNG to write (default: training_curves.png beside the first file)").parse_args(argv)
     titles = {"reward": "mean reward", "reward_accuracy": "training accuracy (share of completions)",
               "test_accuracy": "held-out accuracy (fraction)",
               "completion_length": "completion length (tokens)", "loss": "loss"}
     runs = {}  # label (the run's folder, else the file) -> its metrics records
-    with one_line_errors("evaluate.py plot"):
-        for file in args.metrics:
-            label = os.path.basename(os.path.dirname(os.path.abspath(file)))
-            runs[label if label not in runs else file] = read_jsonl(file)
+    for file in args.metrics:  # a missing or bad file: main's one-line error
+        label = os.path.basename(os.path.dirname(os.path.abspath(file)))
+        runs[label if label not in runs else file] = read_jsonl(file)
     panels = [(key, title) for key, title in titles.items()
               if any(r.get(key) is not None for records in runs.values() for r in records)]
     if not panels:
         raise SystemExit(f"evaluate.py plot: {', '.join(args.metrics)} hold none of "
                          f"{', '.join(titles)}; expected metrics.jsonl of a training run")
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])),
-                                         "training_curves.png")
 
     def draw(fig):
         for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -702,17 +637,43 @@ def plot_main(argv) -> str | None:
             ax.set(title=title, xlabel="step", xlim=(0, None))  # step 0: before training
             if len(runs) > 1:
                 ax.legend(fontsize=8)
-    return save_figure(output, (4 * len(panels), 3.2), draw)
+    return save_figure(args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])),
+                                                   "training_curves.png"), (4 * len(panels), 3.2), draw)
 
 
 def main(argv=None):
-    """`evaluate.py [flags]` evaluates; `evaluate.py table|base2new|matrix|plot ...` tabulates or draws."""
+    """`evaluate.py [flags]` evaluates (parse_eval_args); `evaluate.py table|base2new|matrix|plot ...`
+    tabulates or draws."""
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"table": table_main, "base2new": base2new_main, "matrix": matrix_main, "plot": plot_main}
     if argv and argv[0] in commands:
         with one_line_errors(f"evaluate.py {argv[0]}"):  # an output that cannot be written, say
             return commands[argv[0]](argv[1:])
-    return run_evaluation(argv)
+    args = parse_eval_args(argv)
+    with one_line_errors("evaluate.py"):  # bad input met while setting up: one line, no traceback
+        trained = saved_state(args.model).get("args", {})  # {} for a model not trained here
+        input_notes = choose_inputs(args, trained)
+        baseline = read_summary(args.compare, "--compare") if args.compare else None
+        test_sets = load_test_sets(args)
+        check_output_dir(args, list(test_sets))
+        run = join_job(args.device, args.dist_timeout)
+        if run.is_main:
+            write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
+        model, processor = load_model(args.model, run.device)
+    method = PROMPTS[args.prompt]
+    print0(run, *input_notes, f"evaluating {args.model} with the {args.prompt} prompt ({method} suffix) "
+           f"on {', '.join(test_sets)} ({args.setting}), {run.world_size} process(es)", sep="\n")
+    per_dataset = {name: evaluate_dataset(args, run, model, processor, data)
+                   for name, data in test_sets.items()}  # the rows, on rank 0
+    if run.is_main:
+        if baseline is not None and (missing := add_comparison(per_dataset, baseline)):
+            print(f"note: --compare {args.compare} has no {', '.join(missing)}: no change shown")
+        summary = dict(model=args.model, prompt=args.prompt, method=method, setting=args.setting,
+                       open_set=args.open_set, compare=args.compare, trained_on=trained.get("dataset"),
+                       trained_setting=trained.get("setting"), trained_method=trained.get("method"),
+                       datasets=per_dataset, average=average(per_dataset), args=vars(args))
+        write_table(args.output_dir, "summary", summary, summary_markdown(summary))
+    leave_job(run)
 
 
 if __name__ == "__main__":
