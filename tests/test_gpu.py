@@ -163,7 +163,7 @@ def torchrun(args, folder, tmp_path, wrapper=None, check=True):
     script = ROOT / "tests/signal_on_rank1.py" if wrapper else ROOT / "train_grpo.py"
     common = ["--model", str(folder), "--dataset", "demo", "--image-size", "384", "--shots", "2",
               "--max-new-tokens", "8", "--batch-size", "1", "--grad-accum", "2", "--num-generations", "4",
-              "--lr", "1e-3", "--weight-decay", "1", "--precision", "bf16", "--max-steps", "3",
+              "--lr", "1e-2", "--weight-decay", "1", "--precision", "bf16", "--max-steps", "3",
               "--keep-checkpoints", "1", "--device", DEVICE.type]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                            str(script), *common, *args], cwd=tmp_path, capture_output=True, text=True,
@@ -188,9 +188,9 @@ def masters(checkpoint, tmp_path):
 def test_a_run_under_torchrun_starts_at_its_reference_and_resumes_exactly(run_folder, wrap, tmp_path):
     """The untrained model earns no reward, so step 1's only gradient is the KL's, exactly 0 when
     the policy computes what its reference computes (the same bf16 computation on the same
-    weights); weight decay then moves the weights (by 1e-3 of themselves per step, enough to
-    change their bf16 roundings), so later steps have a KL to follow; under LoRA it decays A
-    while B stays 0, and the KL with it. A SIGTERM during step 2 saves and stops; --resume
+    weights); weight decay then moves the weights (by 1e-2 of themselves per step: less leaves
+    their bf16 roundings, and the bf16 logits, as they were), so later steps have a KL to
+    follow; under LoRA it decays A while B stays 0, and the KL with it. A SIGTERM during step 2 saves and stops; --resume
     latest ends on the uninterrupted run's weights. One checkpoint is kept on disk at a time."""
     folder, start = run_folder
     torchrun(wrap + ["--output-dir", "straight"], folder, tmp_path)
