@@ -37,7 +37,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -208,10 +208,7 @@ def release_stop_signals():
 def stop_signal(run: Run) -> int:
     """The signal any rank received (0 if none), agreed by all ranks: one rank's preemption
     stops the whole job at the same step."""
-    number = torch.tensor(float(_SIGNAL["number"]), device=run.device)
-    if run.world_size > 1:
-        dist.all_reduce(number, op=dist.ReduceOp.MAX)
-    return int(number)
+    return int(all_reduce(run, {"signal": _SIGNAL["number"]}, op=dist.ReduceOp.MAX)["signal"])
 
 
 # ----------------------------------------------------------------------------- precision, wrapping, the optimizer step
@@ -397,7 +394,10 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     error = None  # this rank's failed write: it still takes part in every collective below
     try:
         os.makedirs(tmp, exist_ok=True)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))
         if run.is_main:
             if fsdp:
                 state = {**state, "sharded_optimizer": bool(optimizer.state)}
@@ -419,7 +419,7 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
         error = err
     if fsdp:
         try:
-            dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
+            dcp.save(sharded_state(model, [optimizer] if optimizer.state else []),
                      checkpoint_id=os.path.join(tmp, "sharded"))
         except WRITE_ERRORS as err:
             error = error or err
@@ -444,14 +444,11 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=run.device,
                        weights_only=False)
     if sharded(model):
-        with_optimizer = state.pop("sharded_optimizer")
-        shards = sharded_state(model, optimizer, with_optimizer)
+        optimizers = [optimizer] if state.pop("sharded_optimizer") else []
+        shards = sharded_state(model, optimizers)
         dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
-        if with_optimizer:
-            set_state_dict(model, optimizer, model_state_dict=shards["model"],
-                           optim_state_dict=shards["optimizer"])
-        else:
-            set_model_state_dict(model, shards["model"])
+        set_state_dict(model, optimizers, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
     else:
         if "master_weights" in state:  # every trainable weight (the rest came with the model)
             missing, unexpected = model.load_state_dict(state.pop("master_weights"), strict=False)
@@ -462,7 +459,11 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
         optimizer.load_state_dict(state.pop("optimizer"))
     rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
     if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
-        restore_rng(torch.load(rng_file, weights_only=False))
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return state
 
 
@@ -491,27 +492,12 @@ def full_state_dict(model) -> dict:
     return full
 
 
-def sharded_state(model, optimizer, with_optimizer: bool) -> dict:
-    """This rank's shards of the weights and, `with_optimizer`, of AdamW's state, keyed by
-    parameter name. Without: torch's helper would first give an optimizer that has not stepped
-    yet a state (by a zero step), and the first real update would then count as its second."""
-    if not with_optimizer:
-        return {"model": get_model_state_dict(model)}
-    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict):
-    random.setstate(state["python"]), np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def sharded_state(model, optimizers: list) -> dict:
+    """This rank's shards of the weights and of the `optimizers`' AdamW state ({} for none),
+    keyed by parameter name. An optimizer that has not stepped yet is left out: torch's helper
+    would first give it a state (by a zero step), and the first real update would then count as
+    its second."""
+    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizers)))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -725,18 +711,15 @@ def damaged_file(checkpoint: str) -> str | None:
     for needed in ("trainer_state.pt", "config.json", index if index in names else "model.safetensors"):
         if needed not in names:
             return f"{os.path.join(checkpoint, needed)} is missing"
+    readers = {".pt": lambda path: torch.load(path, map_location="cpu", weights_only=False, mmap=True),
+               ".safetensors": lambda path: safe_open(path, "pt"),  # the header must cover the file
+               ".json": read_json}
     for name in sorted(names):
-        path = os.path.join(checkpoint, name)
+        path, extension = os.path.join(checkpoint, name), os.path.splitext(name)[1]
         try:
-            if name.endswith(".pt"):
-                torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            elif name.endswith(".safetensors"):
-                with safe_open(path, "pt"):  # reads the header, which must cover the whole file
-                    pass
-            elif name.endswith(".json"):
-                read_json(path)
+            readers.get(extension, lambda path: None)(path)  # any other file: not read
         except Exception:  # noqa: BLE001 (whatever reading a damaged file raises)
-            return f"{path} is damaged (unreadable as a {os.path.splitext(name)[1]} file)"
+            return f"{path} is damaged (unreadable as a {extension} file)"
     return None
 
 
