@@ -394,7 +394,7 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     error = None  # this rank's failed write: it still takes part in every collective below
     try:
         os.makedirs(tmp, exist_ok=True)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))
@@ -573,8 +573,6 @@ def start_run(args, script: str):
         args.compile = False
     with one_line_errors(script):
         checkpoint = find_checkpoint(args)
-        if checkpoint:
-            check_resume(args, checkpoint, run.world_size)
         prepare_output_dir(args, run, checkpoint)
     if args.resume == "latest" and not checkpoint:
         print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
@@ -583,12 +581,10 @@ def start_run(args, script: str):
     catch_stop_signals()
     with one_line_errors(script):
         train_data, test_data = load_train_test(args)
-        if not args.lora_rank:
-            model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+        source = start_weights(args, checkpoint) if args.lora_rank else checkpoint or args.model
+        dtype = torch.bfloat16 if args.lora_rank and args.precision == "bf16" else torch.float32
+        model, processor = load_model(source, run.device, dtype=dtype)
     if args.lora_rank:
-        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        with one_line_errors(script):
-            model, processor = load_model(start_weights(args, checkpoint), run.device, dtype=dtype)
         add_adapters(model, args.lora_rank, args.lora_alpha, args.seed)
     return run, checkpoint, train_data, test_data, model, processor
 
@@ -601,28 +597,64 @@ def start_weights(args, checkpoint: str | None) -> str:
     return args.model
 
 
+# What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
+DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "checkpoint-*",
+                "warm_start-*", "warm_start", "final", ".tmp-*")
+
+
 def prepare_output_dir(args, run: Run, checkpoint: str | None):
-    """A fresh run (`checkpoint` None) starts fresh logs and never mixes into another run's
-    checkpoints; a fresh demo starts its folder over, if it holds nothing but a demo's outputs.
-    A resumed run's logs are cut back to the step it resumes from (a kill -9 may have logged
-    steps after the last checkpoint). Every rank checks (so all of them stop together on a bad
-    folder); rank 0 alone writes."""
-    folder = args.output_dir
+    """Check what the run is about to do in --output-dir, on every rank (so all of them stop
+    together on a bad folder); then rank 0 alone prepares it.
+
+    - A resumed run continues the saved trajectory: any flag that would change it (model, data,
+      learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and so
+      must the number of processes (each takes its own share of the global batch). Its logs are
+      cut back to the step it resumes from (a kill -9 may have logged steps after the last
+      checkpoint).
+    - A fresh run (`checkpoint` None) starts fresh logs and never mixes into another run's
+      checkpoints, except for `--resume latest` of the run in the folder when that stopped
+      after its warm start and before its first checkpoint: the same run (its args.json has the
+      same flags) starts again.
+    - A fresh demo starts the folder over, if it holds nothing but the files an earlier demo
+      wrote; anything else there, or a folder whose args.json is not a demo's, is an error
+      naming it."""
+    folder, args_file = args.output_dir, os.path.join(args.output_dir, "args.json")
+    # a fresh run keeps no log record after step 0: as if it resumed a warm start's step 0
+    state = saved_state(checkpoint) if checkpoint else {"step": 0, "warm_start": True}
+    if checkpoint and (changed := trajectory_changes(state["args"], args)):
+        raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
+                         f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
+                         f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
+    if state.get("world_size", run.world_size) != run.world_size:
+        raise ValueError(f"--resume {checkpoint}: saved by a run of {state['world_size']} processes, "
+                         f"resumed with {run.world_size}: the global batch, and so the run, would "
+                         f"change; resume with {state['world_size']} processes")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"--output-dir {folder} is a file; expected a folder")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     fresh_demo = getattr(args, "demo", False) and checkpoint is None
-    demo_outputs = earlier_demo_outputs(folder) if fresh_demo else []
+    if fresh_demo:
+        for name in names:
+            if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
+                raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
+                                      f"{os.path.join(folder, name)} is not a demo's output; choose "
+                                      "another --output-dir")
+        if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
+            raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json "
+                                  "of a demo run; choose another --output-dir")
     runs = checkpoint_dirs(folder) + checkpoint_dirs(folder, "warm_start-") + \
         (["warm_start"] if os.path.isdir(os.path.join(folder, "warm_start")) else [])
     resumed_here = checkpoint and (os.path.realpath(os.path.dirname(checkpoint))
                                    == os.path.realpath(folder))
-    if runs and not fresh_demo and not resumed_here and not restarted_before_a_checkpoint(args, folder):
-        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
-                              f"({runs[-1]}); continue it with its flags (args.json) and --resume "
-                              "latest, or choose another --output-dir")
+    if runs and not fresh_demo and not resumed_here:
+        if args.resume != "latest" or not os.path.isfile(args_file) or \
+                trajectory_changes(read_json(args_file), args):  # not a restart of the same run
+            raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
+                                  f"({runs[-1]}); continue it with its flags (args.json) and --resume "
+                                  "latest, or choose another --output-dir")
     if run.is_main:
-        for name in demo_outputs:
-            path = os.path.join(folder, name)
+        # a fresh demo deletes what the earlier one wrote (its args.json: replaced after the checks)
+        for path in [os.path.join(folder, name) for name in names if fresh_demo and name != "args.json"]:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
@@ -630,46 +662,15 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"--output-dir {folder} is not writable")
-        last = {"warm_start.jsonl": 0, "metrics.jsonl": 0}  # the last step each log keeps
-        if checkpoint:  # a warm start's checkpoint comes before any GRPO step
-            state = saved_state(checkpoint)
-            last = {"warm_start.jsonl": state["step"] if state["warm_start"] else math.inf,
-                    "metrics.jsonl": 0 if state["warm_start"] else state["step"]}
+        # the last step each log keeps: a warm start's checkpoint comes before any GRPO step
+        last = {"warm_start.jsonl": state["step"] if state["warm_start"] else math.inf,
+                "metrics.jsonl": 0 if state["warm_start"] else state["step"]}
         for name, step in last.items():
             path = os.path.join(folder, name)
             if os.path.exists(path):
                 kept = [r for r in read_jsonl(path) if r["step"] <= step]
                 write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     barrier(run)
-
-
-# What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
-DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "checkpoint-*",
-                "warm_start-*", "warm_start", "final", ".tmp-*")
-
-
-def earlier_demo_outputs(folder: str) -> list[str]:
-    """The files an earlier demo run left in `folder`, which a fresh demo deletes; anything else
-    there, or a folder whose args.json is not a demo's, is an error naming it."""
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    for name in names:
-        if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
-            raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
-                                  f"{os.path.join(folder, name)} is not a demo's output; choose "
-                                  "another --output-dir")
-    args_file = os.path.join(folder, "args.json")
-    if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
-        raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json of "
-                              "a demo run; choose another --output-dir")
-    return [name for name in names if name != "args.json"]  # replaced once the checks pass
-
-
-def restarted_before_a_checkpoint(args, folder: str) -> bool:
-    """`--resume latest` when the run in `folder` stopped after its warm start and before its
-    first checkpoint: the same run (its args.json has the same flags) starts again."""
-    args_file = os.path.join(folder, "args.json")
-    return args.resume == "latest" and os.path.isfile(args_file) and not trajectory_changes(
-        read_json(args_file), args)
 
 
 def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
@@ -727,22 +728,6 @@ def trajectory_changes(saved_args: dict, args) -> list[str]:
     """The flags of `args` that would change the run trained with `saved_args` (all but
     RESUME_MAY_CHANGE), as changed_flags words them."""
     return changed_flags(saved_args, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
-
-
-def check_resume(args, checkpoint: str, world_size: int):
-    """A resumed run continues the saved trajectory: any flag that would change it (model,
-    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and
-    so must the number of processes (each takes its own share of the global batch)."""
-    state = saved_state(checkpoint)
-    changed = trajectory_changes(state["args"], args)
-    if changed:
-        raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
-                         f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
-                         f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
-    if state.get("world_size", world_size) != world_size:
-        raise ValueError(f"--resume {checkpoint}: saved by a run of {state['world_size']} processes, "
-                         f"resumed with {world_size}: the global batch, and so the run, would change; "
-                         f"resume with {state['world_size']} processes")
 
 
 def load_train_test(args):
