@@ -54,9 +54,6 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "
 # 12,845,056 pixels (3584 x 3584, their max_pixels: 16384 visual tokens) back under it, so a
 # larger resize only costs time and memory (at 100000 px, tens of GB in PIL before any error).
 MAX_IMAGE_SIZE = 3584
-# What writing a checkpoint raises on a full disk: the OS, safetensors, torch.save ("unexpected
-# pos"), torch.distributed.checkpoint (every rank, when any rank's write failed).
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 
 # ----------------------------------------------------------------------------- processes
 
@@ -130,10 +127,9 @@ def read_jsonl(path: str) -> list[dict]:
     lines = Path(path).read_text().split("\n")
     records = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            records.append(json.loads(line))
+            if line.strip():
+                records.append(json.loads(line))
         except json.JSONDecodeError as err:
             if number < len(lines):  # a newline after it: not a write cut short
                 raise ValueError(f"{path} line {number} is not JSON ({err})") from None
@@ -322,13 +318,11 @@ def full_weights(policy):
     decode steps, held-out evaluation), and freed after. Under FSDP a layer's every forward
     would otherwise all-gather its weights and free them again: a 1024-token rollout would
     gather the whole model 1024 times. Nothing to do without FSDP (or for policy None)."""
-    if not isinstance(policy, FSDPModule):
-        yield
-        return
-    # FSDP makes the module whose forward runs first its root; a rollout calls the layers
-    # first, so settle now that the policy is the root (torch has no public call for this)
-    policy._get_fsdp_state()._lazy_init()
-    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)] if policy is not None else []
+    if units:
+        # FSDP makes the module whose forward runs first its root; a rollout calls the layers
+        # first, so settle now that the policy is the root (torch has no public call for this)
+        policy._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()  # one all-gather per unit, in bf16 under bf16 precision
@@ -386,43 +380,36 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     disk) on any rank ends every rank with one line naming the checkpoint; path.tmp is removed
     and the earlier checkpoints are left as they were."""
     tmp = path + ".tmp"
-    fsdp = sharded(model)
     if run.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save cut short
     barrier(run)
     weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
-    error = None  # this rank's failed write: it still takes part in every collective below
+    error = None  # this rank's failed write: it still takes part in the all_reduce below
     try:
+        if sharded(model):  # first: a write that fails on any rank raises on every rank
+            dcp.save(sharded_state(model, [optimizer] if optimizer.state else []),
+                     checkpoint_id=os.path.join(tmp, "sharded"))
         os.makedirs(tmp, exist_ok=True)
-        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                   **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}))
         torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))
         if run.is_main:
-            if fsdp:
-                state = {**state, "sharded_optimizer": bool(optimizer.state)}
-            else:
-                state = {**state, "optimizer": optimizer.state_dict()}
-            if (precision == "bf16" or adapters(model)) and not fsdp:
-                state = {**state, "master_weights": {
-                    name: p.detach() for name, p in model.named_parameters() if p.requires_grad}}
+            state = {**state, "sharded_optimizer": bool(optimizer.state)} if sharded(model) else {
+                **state, "optimizer": optimizer.state_dict()}
+            if (precision == "bf16" or adapters(model)) and not sharded(model):
+                state["master_weights"] = {
+                    name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
             if precision == "bf16":
                 # one bf16 tensor per storage: the tied embedding / output weight is saved once
-                cast = {}
-                for value in weights.values():
-                    if value.is_floating_point() and value.data_ptr() not in cast:
-                        cast[value.data_ptr()] = value.bfloat16()
+                floats = {v.data_ptr(): v for v in weights.values() if v.is_floating_point()}
+                cast = {data_ptr: value.bfloat16() for data_ptr, value in floats.items()}
                 weights = {k: cast.get(v.data_ptr(), v) for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    except WRITE_ERRORS as err:
+    # what writing a checkpoint raises on a full disk: the OS, safetensors, torch.save ("unexpected
+    # pos"), torch.distributed.checkpoint (on every rank, when any rank's write failed)
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as err:
         error = err
-    if fsdp:
-        try:
-            dcp.save(sharded_state(model, [optimizer] if optimizer.state else []),
-                     checkpoint_id=os.path.join(tmp, "sharded"))
-        except WRITE_ERRORS as err:
-            error = error or err
     # instead of a barrier: every rank's files are in, or every rank learns that one failed
     if all_reduce(run, {"failed": error is not None}, op=dist.ReduceOp.MAX)["failed"]:
         if run.is_main:
@@ -449,13 +436,8 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
         dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
         set_state_dict(model, optimizers, model_state_dict=shards["model"],
                        optim_state_dict=shards["optimizer"])
-    else:
-        if "master_weights" in state:  # every trainable weight (the rest came with the model)
-            missing, unexpected = model.load_state_dict(state.pop("master_weights"), strict=False)
-            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            if unexpected or trainable & set(missing):
-                raise ValueError(f"{path}: its trainer_state.pt holds other weights than this model "
-                                 f"trains (--lora-rank?): {sorted(unexpected or trainable & set(missing))[:3]}")
+    else:  # the trainable weights, when saved in fp32 apart (the rest came with the model)
+        model.load_state_dict(state.pop("master_weights", {}), strict=False)
         optimizer.load_state_dict(state.pop("optimizer"))
     rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
     if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
@@ -572,14 +554,11 @@ def start_run(args, script: str):
         print0(run, "--compile: not used with --fsdp; rollouts and evaluation decode with the eager loop")
         args.compile = False
     with one_line_errors(script):
-        checkpoint = find_checkpoint(args)
+        checkpoint = find_checkpoint(args) if args.resume else None
         prepare_output_dir(args, run, checkpoint)
-    if args.resume == "latest" and not checkpoint:
-        print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
-    if run.is_main:  # only now: a refused resume keeps the record of the run it would continue
-        write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
-    catch_stop_signals()
-    with one_line_errors(script):
+        if args.resume == "latest" and not checkpoint:
+            print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
+        catch_stop_signals()
         train_data, test_data = load_train_test(args)
         source = start_weights(args, checkpoint) if args.lora_rank else checkpoint or args.model
         dtype = torch.bfloat16 if args.lora_rank and args.precision == "bf16" else torch.float32
@@ -604,7 +583,7 @@ DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json"
 
 def prepare_output_dir(args, run: Run, checkpoint: str | None):
     """Check what the run is about to do in --output-dir, on every rank (so all of them stop
-    together on a bad folder); then rank 0 alone prepares it.
+    together on a bad folder); then rank 0 alone prepares it and writes the run's args.json.
 
     - A resumed run continues the saved trajectory: any flag that would change it (model, data,
       learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and so
@@ -621,7 +600,9 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
     folder, args_file = args.output_dir, os.path.join(args.output_dir, "args.json")
     # a fresh run keeps no log record after step 0: as if it resumed a warm start's step 0
     state = saved_state(checkpoint) if checkpoint else {"step": 0, "warm_start": True}
-    if checkpoint and (changed := trajectory_changes(state["args"], args)):
+    # the flags that decide the trajectory, which a resume (or a restart) must share
+    trajectory = [name for name in vars(args) if name not in RESUME_MAY_CHANGE]
+    if checkpoint and (changed := changed_flags(state["args"], args, trajectory)):
         raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
                          f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
                          f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
@@ -648,7 +629,7 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
                                    == os.path.realpath(folder))
     if runs and not fresh_demo and not resumed_here:
         if args.resume != "latest" or not os.path.isfile(args_file) or \
-                trajectory_changes(read_json(args_file), args):  # not a restart of the same run
+                changed_flags(read_json(args_file), args, trajectory):  # not a restart of the same run
             raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
                                   f"({runs[-1]}); continue it with its flags (args.json) and --resume "
                                   "latest, or choose another --output-dir")
@@ -663,13 +644,14 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"--output-dir {folder} is not writable")
         # the last step each log keeps: a warm start's checkpoint comes before any GRPO step
-        last = {"warm_start.jsonl": state["step"] if state["warm_start"] else math.inf,
-                "metrics.jsonl": 0 if state["warm_start"] else state["step"]}
-        for name, step in last.items():
+        for name, step in (("warm_start.jsonl", state["step"] if state["warm_start"] else math.inf),
+                           ("metrics.jsonl", 0 if state["warm_start"] else state["step"])):
             path = os.path.join(folder, name)
             if os.path.exists(path):
                 kept = [r for r in read_jsonl(path) if r["step"] <= step]
                 write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        # only now: a refused resume keeps the record of the run it would continue
+        write_atomic(args_file, json.dumps(vars(args), indent=2))
     barrier(run)
 
 
@@ -680,12 +662,10 @@ def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
 
 
 def find_checkpoint(args) -> str | None:
-    """The --resume folder: a path, or with 'latest' the newest checkpoint in --output-dir (a
+    """The folder --resume names: a path, or with 'latest' the newest checkpoint in --output-dir (a
     GRPO run stopped during its warm start has only warm_start-* ones), None when there is none
     yet: then the run starts, so one command line serves a first start and every restart. A
     damaged checkpoint is an error naming its file (and, for 'latest', the newest intact one)."""
-    if not args.resume:
-        return None
     if args.resume != "latest":
         checkpoint = os.path.normpath(args.resume)  # a trailing slash names the same folder
         if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
@@ -722,12 +702,6 @@ def damaged_file(checkpoint: str) -> str | None:
         except Exception:  # noqa: BLE001 (whatever reading a damaged file raises)
             return f"{path} is damaged (unreadable as a {extension} file)"
     return None
-
-
-def trajectory_changes(saved_args: dict, args) -> list[str]:
-    """The flags of `args` that would change the run trained with `saved_args` (all but
-    RESUME_MAY_CHANGE), as changed_flags words them."""
-    return changed_flags(saved_args, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
 
 
 def load_train_test(args):
