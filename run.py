@@ -16,7 +16,6 @@ loops lives here, in the order a run meets it:
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import os
@@ -373,9 +372,10 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
     --precision bf16, as the hub ships Qwen2-VL; LoRA adapters merged in), trainer_state.pt
     (`state`, the optimizer, and under bf16 or LoRA the trainable weights in fp32, so a resume
-    never re-rounds them: the masters, or the adapters) and one RNG file per rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
-    the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
-    every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
+    never re-rounds them: the masters, or the adapters) and one RNG file per rank. Under FSDP
+    rank 0 writes the same Hugging Face directory from gathered weights, and the fp32 weights
+    and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint: every rank
+    writes its own shards, no rank ever holds all of them). Written into path.tmp
     and renamed: a crash mid-save never leaves a half checkpoint. A write that fails (a full
     disk) on any rank ends every rank with one line naming the checkpoint; path.tmp is removed
     and the earlier checkpoints are left as they were."""
@@ -577,8 +577,8 @@ def start_weights(args, checkpoint: str | None) -> str:
 
 
 # What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
-DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "checkpoint-*",
-                "warm_start-*", "warm_start", "final", ".tmp-*")
+DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "warm_start", "final")
+DEMO_PREFIXES = ("checkpoint-", "warm_start-", ".tmp-")  # checkpoints, write_atomic's temporary files
 
 
 def prepare_output_dir(args, run: Run, checkpoint: str | None):
@@ -598,7 +598,7 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
       wrote; anything else there, or a folder whose args.json is not a demo's, is an error
       naming it."""
     folder, args_file = args.output_dir, os.path.join(args.output_dir, "args.json")
-    # a fresh run keeps no log record after step 0: as if it resumed a warm start's step 0
+    # a fresh run: as if it resumed a warm start's step 0 (its logs keep no record after step 0)
     state = saved_state(checkpoint) if checkpoint else {"step": 0, "warm_start": True}
     # the flags that decide the trajectory, which a resume (or a restart) must share
     trajectory = [name for name in vars(args) if name not in RESUME_MAY_CHANGE]
@@ -612,17 +612,17 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
                          f"change; resume with {state['world_size']} processes")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"--output-dir {folder} is a file; expected a folder")
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     fresh_demo = getattr(args, "demo", False) and checkpoint is None
-    if fresh_demo:
-        for name in names:
-            if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
-                raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
-                                      f"{os.path.join(folder, name)} is not a demo's output; choose "
-                                      "another --output-dir")
-        if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
-            raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json "
-                                  "of a demo run; choose another --output-dir")
+    # what a fresh demo deletes: the folder's contents, which only an earlier demo may have written
+    demo_outputs = sorted(os.listdir(folder)) if fresh_demo and os.path.isdir(folder) else []
+    for name in demo_outputs:
+        if name.removesuffix(".tmp") not in DEMO_OUTPUTS and not name.startswith(DEMO_PREFIXES):
+            raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
+                                  f"{os.path.join(folder, name)} is not a demo's output; choose "
+                                  "another --output-dir")
+    if demo_outputs and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
+        raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json "
+                              "of a demo run; choose another --output-dir")
     runs = checkpoint_dirs(folder) + checkpoint_dirs(folder, "warm_start-") + \
         (["warm_start"] if os.path.isdir(os.path.join(folder, "warm_start")) else [])
     resumed_here = checkpoint and (os.path.realpath(os.path.dirname(checkpoint))
@@ -634,8 +634,8 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
                                   f"({runs[-1]}); continue it with its flags (args.json) and --resume "
                                   "latest, or choose another --output-dir")
     if run.is_main:
-        # a fresh demo deletes what the earlier one wrote (its args.json: replaced after the checks)
-        for path in [os.path.join(folder, name) for name in names if fresh_demo and name != "args.json"]:
+        # an earlier demo's outputs go; its args.json is replaced below
+        for path in [os.path.join(folder, name) for name in demo_outputs if name != "args.json"]:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
