@@ -16,7 +16,6 @@ loops lives here, in the order a run meets it:
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -54,9 +53,6 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "save_every", "keep_checkpoints", "
 # 12,845,056 pixels (3584 x 3584, their max_pixels: 16384 visual tokens) back under it, so a
 # larger resize only costs time and memory (at 100000 px, tens of GB in PIL before any error).
 MAX_IMAGE_SIZE = 3584
-# What writing a checkpoint raises on a full disk: the OS, safetensors, torch.save ("unexpected
-# pos"), torch.distributed.checkpoint (every rank, when any rank's write failed).
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 
 # ----------------------------------------------------------------------------- processes
 
@@ -130,10 +126,9 @@ def read_jsonl(path: str) -> list[dict]:
     lines = Path(path).read_text().split("\n")
     records = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            records.append(json.loads(line))
+            if line.strip():
+                records.append(json.loads(line))
         except json.JSONDecodeError as err:
             if number < len(lines):  # a newline after it: not a write cut short
                 raise ValueError(f"{path} line {number} is not JSON ({err})") from None
@@ -208,10 +203,7 @@ def release_stop_signals():
 def stop_signal(run: Run) -> int:
     """The signal any rank received (0 if none), agreed by all ranks: one rank's preemption
     stops the whole job at the same step."""
-    number = torch.tensor(float(_SIGNAL["number"]), device=run.device)
-    if run.world_size > 1:
-        dist.all_reduce(number, op=dist.ReduceOp.MAX)
-    return int(number)
+    return int(all_reduce(run, {"signal": _SIGNAL["number"]}, op=dist.ReduceOp.MAX)["signal"])
 
 
 # ----------------------------------------------------------------------------- precision, wrapping, the optimizer step
@@ -325,13 +317,11 @@ def full_weights(policy):
     decode steps, held-out evaluation), and freed after. Under FSDP a layer's every forward
     would otherwise all-gather its weights and free them again: a 1024-token rollout would
     gather the whole model 1024 times. Nothing to do without FSDP (or for policy None)."""
-    if not isinstance(policy, FSDPModule):
-        yield
-        return
-    # FSDP makes the module whose forward runs first its root; a rollout calls the layers
-    # first, so settle now that the policy is the root (torch has no public call for this)
-    policy._get_fsdp_state()._lazy_init()
-    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)] if policy is not None else []
+    if units:
+        # FSDP makes the module whose forward runs first its root; a rollout calls the layers
+        # first, so settle now that the policy is the root (torch has no public call for this)
+        policy._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()  # one all-gather per unit, in bf16 under bf16 precision
@@ -382,47 +372,44 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     """path/: a Hugging Face model directory with the weights in the compute dtype (bf16 under
     --precision bf16, as the hub ships Qwen2-VL; LoRA adapters merged in), trainer_state.pt
     (`state`, the optimizer, and under bf16 or LoRA the trainable weights in fp32, so a resume
-    never re-rounds them: the masters, or the adapters) and one RNG file per rank. Under FSDP rank 0 writes the same Hugging Face directory from gathered weights, and
-    the fp32 weights and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint:
-    every rank writes its own shards, no rank ever holds all of them). Written into path.tmp
+    never re-rounds them: the masters, or the adapters) and one RNG file per rank. Under FSDP
+    rank 0 writes the same Hugging Face directory from gathered weights, and the fp32 weights
+    and the optimizer go into path/sharded/ instead (torch.distributed.checkpoint: every rank
+    writes its own shards, no rank ever holds all of them). Written into path.tmp
     and renamed: a crash mid-save never leaves a half checkpoint. A write that fails (a full
     disk) on any rank ends every rank with one line naming the checkpoint; path.tmp is removed
     and the earlier checkpoints are left as they were."""
     tmp = path + ".tmp"
-    fsdp = sharded(model)
     if run.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save cut short
     barrier(run)
     weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
-    error = None  # this rank's failed write: it still takes part in every collective below
+    error = None  # this rank's failed write: it still takes part in the all_reduce below
     try:
+        if sharded(model):  # first: a write that fails on any rank raises on every rank
+            dcp.save(sharded_state(model, [optimizer] if optimizer.state else []),
+                     checkpoint_id=os.path.join(tmp, "sharded"))
         os.makedirs(tmp, exist_ok=True)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                   **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}))
+        torch.save(rng, os.path.join(tmp, f"rng_rank{run.rank}.pt"))
         if run.is_main:
-            if fsdp:
-                state = {**state, "sharded_optimizer": bool(optimizer.state)}
-            else:
-                state = {**state, "optimizer": optimizer.state_dict()}
-            if (precision == "bf16" or adapters(model)) and not fsdp:
-                state = {**state, "master_weights": {
-                    name: p.detach() for name, p in model.named_parameters() if p.requires_grad}}
+            state = {**state, "sharded_optimizer": bool(optimizer.state)} if sharded(model) else {
+                **state, "optimizer": optimizer.state_dict()}
+            if (precision == "bf16" or adapters(model)) and not sharded(model):
+                state["master_weights"] = {
+                    name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
             if precision == "bf16":
                 # one bf16 tensor per storage: the tied embedding / output weight is saved once
-                cast = {}
-                for value in weights.values():
-                    if value.is_floating_point() and value.data_ptr() not in cast:
-                        cast[value.data_ptr()] = value.bfloat16()
+                floats = {v.data_ptr(): v for v in weights.values() if v.is_floating_point()}
+                cast = {data_ptr: value.bfloat16() for data_ptr, value in floats.items()}
                 weights = {k: cast.get(v.data_ptr(), v) for k, v in weights.items()}
             save_pretrained(model, processor, tmp, weights)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    except WRITE_ERRORS as err:
+    # what writing a checkpoint raises on a full disk: the OS, safetensors, torch.save ("unexpected
+    # pos"), torch.distributed.checkpoint (on every rank, when any rank's write failed)
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as err:
         error = err
-    if fsdp:
-        try:
-            dcp.save(sharded_state(model, optimizer, with_optimizer=bool(optimizer.state)),
-                     checkpoint_id=os.path.join(tmp, "sharded"))
-        except WRITE_ERRORS as err:
-            error = error or err
     # instead of a barrier: every rank's files are in, or every rank learns that one failed
     if all_reduce(run, {"failed": error is not None}, op=dist.ReduceOp.MAX)["failed"]:
         if run.is_main:
@@ -444,25 +431,21 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=run.device,
                        weights_only=False)
     if sharded(model):
-        with_optimizer = state.pop("sharded_optimizer")
-        shards = sharded_state(model, optimizer, with_optimizer)
+        optimizers = [optimizer] if state.pop("sharded_optimizer") else []
+        shards = sharded_state(model, optimizers)
         dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
-        if with_optimizer:
-            set_state_dict(model, optimizer, model_state_dict=shards["model"],
-                           optim_state_dict=shards["optimizer"])
-        else:
-            set_model_state_dict(model, shards["model"])
-    else:
-        if "master_weights" in state:  # every trainable weight (the rest came with the model)
-            missing, unexpected = model.load_state_dict(state.pop("master_weights"), strict=False)
-            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            if unexpected or trainable & set(missing):
-                raise ValueError(f"{path}: its trainer_state.pt holds other weights than this model "
-                                 f"trains (--lora-rank?): {sorted(unexpected or trainable & set(missing))[:3]}")
+        set_state_dict(model, optimizers, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
+    else:  # the trainable weights, when saved in fp32 apart (the rest came with the model)
+        model.load_state_dict(state.pop("master_weights", {}), strict=False)
         optimizer.load_state_dict(state.pop("optimizer"))
     rng_file = os.path.join(path, f"rng_rank{run.rank}.pt")
     if os.path.isfile(rng_file):  # resumed with more ranks than saved: nothing to restore
-        restore_rng(torch.load(rng_file, weights_only=False))
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return state
 
 
@@ -491,27 +474,12 @@ def full_state_dict(model) -> dict:
     return full
 
 
-def sharded_state(model, optimizer, with_optimizer: bool) -> dict:
-    """This rank's shards of the weights and, `with_optimizer`, of AdamW's state, keyed by
-    parameter name. Without: torch's helper would first give an optimizer that has not stepped
-    yet a state (by a zero step), and the first real update would then count as its second."""
-    if not with_optimizer:
-        return {"model": get_model_state_dict(model)}
-    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict):
-    random.setstate(state["python"]), np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def sharded_state(model, optimizers: list) -> dict:
+    """This rank's shards of the weights and of the `optimizers`' AdamW state ({} for none),
+    keyed by parameter name. An optimizer that has not stepped yet is left out: torch's helper
+    would first give it a state (by a zero step), and the first real update would then count as
+    its second."""
+    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizers)))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -586,23 +554,16 @@ def start_run(args, script: str):
         print0(run, "--compile: not used with --fsdp; rollouts and evaluation decode with the eager loop")
         args.compile = False
     with one_line_errors(script):
-        checkpoint = find_checkpoint(args)
-        if checkpoint:
-            check_resume(args, checkpoint, run.world_size)
+        checkpoint = find_checkpoint(args) if args.resume else None
         prepare_output_dir(args, run, checkpoint)
-    if args.resume == "latest" and not checkpoint:
-        print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
-    if run.is_main:  # only now: a refused resume keeps the record of the run it would continue
-        write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2))
-    catch_stop_signals()
-    with one_line_errors(script):
+        if args.resume == "latest" and not checkpoint:
+            print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
+        catch_stop_signals()
         train_data, test_data = load_train_test(args)
-        if not args.lora_rank:
-            model, processor = load_model(checkpoint or args.model, run.device, dtype=torch.float32)
+        source = start_weights(args, checkpoint) if args.lora_rank else checkpoint or args.model
+        dtype = torch.bfloat16 if args.lora_rank and args.precision == "bf16" else torch.float32
+        model, processor = load_model(source, run.device, dtype=dtype)
     if args.lora_rank:
-        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        with one_line_errors(script):
-            model, processor = load_model(start_weights(args, checkpoint), run.device, dtype=dtype)
         add_adapters(model, args.lora_rank, args.lora_alpha, args.seed)
     return run, checkpoint, train_data, test_data, model, processor
 
@@ -615,28 +576,66 @@ def start_weights(args, checkpoint: str | None) -> str:
     return args.model
 
 
+# What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
+DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "warm_start", "final")
+DEMO_PREFIXES = ("checkpoint-", "warm_start-", ".tmp-")  # checkpoints, write_atomic's temporary files
+
+
 def prepare_output_dir(args, run: Run, checkpoint: str | None):
-    """A fresh run (`checkpoint` None) starts fresh logs and never mixes into another run's
-    checkpoints; a fresh demo starts its folder over, if it holds nothing but a demo's outputs.
-    A resumed run's logs are cut back to the step it resumes from (a kill -9 may have logged
-    steps after the last checkpoint). Every rank checks (so all of them stop together on a bad
-    folder); rank 0 alone writes."""
-    folder = args.output_dir
+    """Check what the run is about to do in --output-dir, on every rank (so all of them stop
+    together on a bad folder); then rank 0 alone prepares it and writes the run's args.json.
+
+    - A resumed run continues the saved trajectory: any flag that would change it (model, data,
+      learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and so
+      must the number of processes (each takes its own share of the global batch). Its logs are
+      cut back to the step it resumes from (a kill -9 may have logged steps after the last
+      checkpoint).
+    - A fresh run (`checkpoint` None) starts fresh logs and never mixes into another run's
+      checkpoints, except for `--resume latest` of the run in the folder when that stopped
+      after its warm start and before its first checkpoint: the same run (its args.json has the
+      same flags) starts again.
+    - A fresh demo starts the folder over, if it holds nothing but the files an earlier demo
+      wrote; anything else there, or a folder whose args.json is not a demo's, is an error
+      naming it."""
+    folder, args_file = args.output_dir, os.path.join(args.output_dir, "args.json")
+    # a fresh run: as if it resumed a warm start's step 0 (its logs keep no record after step 0)
+    state = saved_state(checkpoint) if checkpoint else {"step": 0, "warm_start": True}
+    # the flags that decide the trajectory, which a resume (or a restart) must share
+    trajectory = [name for name in vars(args) if name not in RESUME_MAY_CHANGE]
+    if checkpoint and (changed := changed_flags(state["args"], args, trajectory)):
+        raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
+                         f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
+                         f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
+    if state.get("world_size", run.world_size) != run.world_size:
+        raise ValueError(f"--resume {checkpoint}: saved by a run of {state['world_size']} processes, "
+                         f"resumed with {run.world_size}: the global batch, and so the run, would "
+                         f"change; resume with {state['world_size']} processes")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"--output-dir {folder} is a file; expected a folder")
     fresh_demo = getattr(args, "demo", False) and checkpoint is None
-    demo_outputs = earlier_demo_outputs(folder) if fresh_demo else []
+    # what a fresh demo deletes: the folder's contents, which only an earlier demo may have written
+    demo_outputs = sorted(os.listdir(folder)) if fresh_demo and os.path.isdir(folder) else []
+    for name in demo_outputs:
+        if name.removesuffix(".tmp") not in DEMO_OUTPUTS and not name.startswith(DEMO_PREFIXES):
+            raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
+                                  f"{os.path.join(folder, name)} is not a demo's output; choose "
+                                  "another --output-dir")
+    if demo_outputs and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
+        raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json "
+                              "of a demo run; choose another --output-dir")
     runs = checkpoint_dirs(folder) + checkpoint_dirs(folder, "warm_start-") + \
         (["warm_start"] if os.path.isdir(os.path.join(folder, "warm_start")) else [])
     resumed_here = checkpoint and (os.path.realpath(os.path.dirname(checkpoint))
                                    == os.path.realpath(folder))
-    if runs and not fresh_demo and not resumed_here and not restarted_before_a_checkpoint(args, folder):
-        raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
-                              f"({runs[-1]}); continue it with its flags (args.json) and --resume "
-                              "latest, or choose another --output-dir")
+    if runs and not fresh_demo and not resumed_here:
+        if args.resume != "latest" or not os.path.isfile(args_file) or \
+                changed_flags(read_json(args_file), args, trajectory):  # not a restart of the same run
+            raise FileExistsError(f"--output-dir {folder} already holds checkpoints of another run "
+                                  f"({runs[-1]}); continue it with its flags (args.json) and --resume "
+                                  "latest, or choose another --output-dir")
     if run.is_main:
-        for name in demo_outputs:
-            path = os.path.join(folder, name)
+        # an earlier demo's outputs go; its args.json is replaced below
+        for path in [os.path.join(folder, name) for name in demo_outputs if name != "args.json"]:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
@@ -644,46 +643,16 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"--output-dir {folder} is not writable")
-        last = {"warm_start.jsonl": 0, "metrics.jsonl": 0}  # the last step each log keeps
-        if checkpoint:  # a warm start's checkpoint comes before any GRPO step
-            state = saved_state(checkpoint)
-            last = {"warm_start.jsonl": state["step"] if state["warm_start"] else math.inf,
-                    "metrics.jsonl": 0 if state["warm_start"] else state["step"]}
-        for name, step in last.items():
+        # the last step each log keeps: a warm start's checkpoint comes before any GRPO step
+        for name, step in (("warm_start.jsonl", state["step"] if state["warm_start"] else math.inf),
+                           ("metrics.jsonl", 0 if state["warm_start"] else state["step"])):
             path = os.path.join(folder, name)
             if os.path.exists(path):
                 kept = [r for r in read_jsonl(path) if r["step"] <= step]
                 write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        # only now: a refused resume keeps the record of the run it would continue
+        write_atomic(args_file, json.dumps(vars(args), indent=2))
     barrier(run)
-
-
-# What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
-DEMO_OUTPUTS = ("args.json", "metrics.jsonl", "warm_start.jsonl", "fewshot.json", "checkpoint-*",
-                "warm_start-*", "warm_start", "final", ".tmp-*")
-
-
-def earlier_demo_outputs(folder: str) -> list[str]:
-    """The files an earlier demo run left in `folder`, which a fresh demo deletes; anything else
-    there, or a folder whose args.json is not a demo's, is an error naming it."""
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    for name in names:
-        if not any(fnmatch.fnmatch(name.removesuffix(".tmp"), pattern) for pattern in DEMO_OUTPUTS):
-            raise FileExistsError(f"--demo starts --output-dir {folder} over, but "
-                                  f"{os.path.join(folder, name)} is not a demo's output; choose "
-                                  "another --output-dir")
-    args_file = os.path.join(folder, "args.json")
-    if names and not (os.path.isfile(args_file) and read_json(args_file).get("demo")):
-        raise FileExistsError(f"--demo starts --output-dir {folder} over, but it holds no args.json of "
-                              "a demo run; choose another --output-dir")
-    return [name for name in names if name != "args.json"]  # replaced once the checks pass
-
-
-def restarted_before_a_checkpoint(args, folder: str) -> bool:
-    """`--resume latest` when the run in `folder` stopped after its warm start and before its
-    first checkpoint: the same run (its args.json has the same flags) starts again."""
-    args_file = os.path.join(folder, "args.json")
-    return args.resume == "latest" and os.path.isfile(args_file) and not trajectory_changes(
-        read_json(args_file), args)
 
 
 def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
@@ -693,12 +662,10 @@ def checkpoint_dirs(output_dir: str, prefix: str = "checkpoint-") -> list[str]:
 
 
 def find_checkpoint(args) -> str | None:
-    """The --resume folder: a path, or with 'latest' the newest checkpoint in --output-dir (a
+    """The folder --resume names: a path, or with 'latest' the newest checkpoint in --output-dir (a
     GRPO run stopped during its warm start has only warm_start-* ones), None when there is none
     yet: then the run starts, so one command line serves a first start and every restart. A
     damaged checkpoint is an error naming its file (and, for 'latest', the newest intact one)."""
-    if not args.resume:
-        return None
     if args.resume != "latest":
         checkpoint = os.path.normpath(args.resume)  # a trailing slash names the same folder
         if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
@@ -725,41 +692,16 @@ def damaged_file(checkpoint: str) -> str | None:
     for needed in ("trainer_state.pt", "config.json", index if index in names else "model.safetensors"):
         if needed not in names:
             return f"{os.path.join(checkpoint, needed)} is missing"
+    readers = {".pt": lambda path: torch.load(path, map_location="cpu", weights_only=False, mmap=True),
+               ".safetensors": lambda path: safe_open(path, "pt"),  # the header must cover the file
+               ".json": read_json}
     for name in sorted(names):
-        path = os.path.join(checkpoint, name)
+        path, extension = os.path.join(checkpoint, name), os.path.splitext(name)[1]
         try:
-            if name.endswith(".pt"):
-                torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            elif name.endswith(".safetensors"):
-                with safe_open(path, "pt"):  # reads the header, which must cover the whole file
-                    pass
-            elif name.endswith(".json"):
-                read_json(path)
+            readers.get(extension, lambda path: None)(path)  # any other file: not read
         except Exception:  # noqa: BLE001 (whatever reading a damaged file raises)
-            return f"{path} is damaged (unreadable as a {os.path.splitext(name)[1]} file)"
+            return f"{path} is damaged (unreadable as a {extension} file)"
     return None
-
-
-def trajectory_changes(saved_args: dict, args) -> list[str]:
-    """The flags of `args` that would change the run trained with `saved_args` (all but
-    RESUME_MAY_CHANGE), as changed_flags words them."""
-    return changed_flags(saved_args, args, [name for name in vars(args) if name not in RESUME_MAY_CHANGE])
-
-
-def check_resume(args, checkpoint: str, world_size: int):
-    """A resumed run continues the saved trajectory: any flag that would change it (model,
-    data, learning rate, batch, sampling, ...) must be what the checkpoint was trained with, and
-    so must the number of processes (each takes its own share of the global batch)."""
-    state = saved_state(checkpoint)
-    changed = trajectory_changes(state["args"], args)
-    if changed:
-        raise ValueError(f"--resume {checkpoint}: the run would not continue the saved one: "
-                         f"{'; '.join(changed)}. Resume with the saved flags (its args.json), or "
-                         f"start a new run; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change")
-    if state.get("world_size", world_size) != world_size:
-        raise ValueError(f"--resume {checkpoint}: saved by a run of {state['world_size']} processes, "
-                         f"resumed with {world_size}: the global batch, and so the run, would change; "
-                         f"resume with {state['world_size']} processes")
 
 
 def load_train_test(args):
