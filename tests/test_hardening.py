@@ -162,17 +162,22 @@ def test_data_py_defaults_to_the_training_seed(tmp_path):
 
 # 8. data, model and output-dir errors: one line, early -----------------------------------------
 
-@pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py"])
-def test_input_errors_are_one_line_messages(script, tmp_path):
-    message = one_line_error(cli(script, FAST + ["--dataset", "dtd", "--data-root", str(tmp_path)], tmp_path))
+@pytest.mark.parametrize("script", [T, S])
+def test_input_errors_are_one_line_messages(script, tmp_path, monkeypatch):
+    """The first as the user meets it (a process: one line on stderr, no traceback); the others
+    in this process, as the SystemExit that Python prints as that one line."""
+    name = f"{script.__name__}.py"
+    message = one_line_error(cli(name, FAST + ["--dataset", "dtd", "--data-root", str(tmp_path)], tmp_path))
     assert "split_zhou_DescribableTextures.json not found" in message
-    message = one_line_error(cli(script, FAST + ["--model", "./no/such/model"], tmp_path))
-    assert "no/such/model: no such directory" in message
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("")
-    message = one_line_error(cli(script, FAST + ["--output-dir", "a_file"], tmp_path))
-    assert "--output-dir a_file is a file" in message
-    message = one_line_error(cli(script, FAST + ["--output-dir", "a_file/run"], tmp_path))
-    assert "a_file" in message
+    for args, expected in ((["--model", "./no/such/model"], "no/such/model: no such directory"),
+                           (["--output-dir", "a_file"], "--output-dir a_file is a file"),
+                           (["--output-dir", "a_file/run"], "a_file/run")):
+        with pytest.raises(SystemExit) as stop:
+            script.main(FAST + args)
+        message = str(stop.value.code)
+        assert message.startswith(f"{name}: error: ") and "\n" not in message and expected in message, message
 
 
 def test_sft_checks_the_dataset_before_loading_the_model(tmp_path, no_loading):

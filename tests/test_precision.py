@@ -195,25 +195,3 @@ def test_bf16_resume_continues_bit_for_bit(tmp_path, warm_tiny):
         [r["reward"] for r in metrics(tmp_path / "straight")[2:]]
 
 
-def test_bf16_two_processes_equal_one_process_with_accumulation(tmp_path, warm_tiny):
-    common = BF16_RUN + ["--model", warm_tiny, "--max-steps", "2"]
-    run_script(ROOT / "train_grpo.py", common + ["--grad-accum", "1", "--output-dir", "two"],
-               tmp_path, nproc=2)
-    run_script(ROOT / "train_grpo.py", common + ["--grad-accum", "2", "--output-dir", "one"], tmp_path)
-    start = M.load_model(warm_tiny)[0].state_dict()
-    two, one = (torch.load(tmp_path / f"{d}/checkpoint-000002/trainer_state.pt",
-                           weights_only=False)["master_weights"] for d in ("two", "one"))
-    update_two = torch.cat([(two[k] - start[k]).flatten() for k in two])  # masters: each weight once
-    update_one = torch.cat([(one[k] - start[k]).flatten() for k in two])
-    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
-    assert [r["reward"] for r in a] == [r["reward"] for r in b]  # the same rollouts
-    assert max(r["zero_spread_share"] for r in b) < 1  # with a learning signal
-    # TOLERANCE: the two runs batch the same rows differently (4 prompts per sampling call and
-    # per rank vs 2), and bf16 keeps 8 significant bits (relative error ~4e-3 per rounding), so
-    # the log-probs, and hence gradients, agree to ~1e-2 relative, not to fp32's 1e-6. AdamW's
-    # first steps move each weight by about +-lr whatever the gradient's size, so a gradient
-    # that is tiny AND differs in sign moves a weight 2*lr the other way: we bound how many do
-    # (cosine of the whole update) instead of the largest difference.
-    cosine = float(torch.nn.functional.cosine_similarity(update_two, update_one, dim=0))
-    assert cosine >= 0.99, cosine  # measured 0.9994
-    assert float(update_one.abs().max()) > 1e-3  # the runs did move the weights
