@@ -107,14 +107,19 @@ def accuracy(model, processor, data, method, *, rank=0, world_size=1, **predict_
     return counts["right"] / max(1.0, counts["images"])
 
 
-def held_out_accuracy(args, run: Run, model, processor, test_data, policy=None) -> float:
+def held_out_accuracy(args, run: Run, model, processor, test_data, policy=None,
+                      start_log: str | None = None) -> float:
     """The training scripts' --eval-every: greedy accuracy on the test split (a fraction), in
-    the run's precision (under FSDP on the full weights, gathered once through its `policy`)."""
+    the run's precision (under FSDP on the full weights, gathered once through its `policy`).
+    `start_log`: a JSON-lines log where it is written as step 0 (where the training curve starts)."""
     with torch.no_grad(), full_weights(policy), compute_context(model, args.precision, keep=args.compile):
-        return accuracy(model, processor, test_data, args.method, rank=run.rank,
-                        world_size=run.world_size, batch_size=args.eval_batch_size,
-                        max_new_tokens=args.max_new_tokens, image_size=args.image_size,
-                        seed=args.seed, limit=args.eval_limit, compile=args.compile)
+        fraction = accuracy(model, processor, test_data, args.method, rank=run.rank,
+                            world_size=run.world_size, batch_size=args.eval_batch_size,
+                            max_new_tokens=args.max_new_tokens, image_size=args.image_size,
+                            seed=args.seed, limit=args.eval_limit, compile=args.compile)
+    if start_log and run.is_main:
+        append_jsonl(start_log, [{"step": 0, "test_accuracy": fraction}])
+    return fraction
 
 
 def images_per_second(timing: dict) -> float | None:

@@ -193,9 +193,7 @@ def main(argv=None):
     log = os.path.join(args.output_dir, "metrics.jsonl")
     before = None  # the accuracy GRPO starts from: step 0 of the held-out curve
     if (args.demo or args.eval_every) and start_step == 0:
-        before = held_out_accuracy(args, run, model, processor, test_data, policy)
-        if run.is_main:
-            append_jsonl(log, [{"step": 0, "test_accuracy": before}])
+        before = held_out_accuracy(args, run, model, processor, test_data, policy, start_log=log)
     print0(run, f"GRPO ({args.method}) on {args.dataset}: {len(train_data.examples)} training "
                 f"examples, {total} steps of {run.world_size * B * A} prompts x {G} completions, "
                 f"{args.precision} precision")
@@ -279,10 +277,9 @@ def warm_start(args, run: Run, model, processor, policy, train_data, test_data, 
     <output-dir>/warm_start: the KL reference of the GRPO that follows, also after a resume.
     It trains through GRPO's `policy` with an AdamW of its own (GRPO starts with fresh moments)."""
     if checkpoint is None and args.demo:
-        accuracy = held_out_accuracy(args, run, model, processor, test_data, policy)
+        accuracy = held_out_accuracy(args, run, model, processor, test_data, policy,
+                                     start_log=os.path.join(args.output_dir, "warm_start.jsonl"))
         print0(run, f"held-out accuracy of the untrained model: {100 * accuracy:.1f}%")
-        if run.is_main:
-            append_jsonl(os.path.join(args.output_dir, "warm_start.jsonl"), [{"step": 0, "test_accuracy": accuracy}])
     print0(run, f"warm start: {args.warm_start_steps} supervised steps (train_sft.fit)")
     optimizer = new_optimizer(model, run, args.warm_start_lr, args.weight_decay)
     start = load_checkpoint(checkpoint, run, model, optimizer)["step"] if checkpoint else 0

@@ -65,10 +65,8 @@ def fit(args, run: Run, model, processor, train_data, policy, optimizer, start_s
     total = args.warm_start_steps if warm_start else total_steps(args, len(train_data.examples), run.world_size)
     B, A = args.batch_size, args.grad_accum
     log = os.path.join(args.output_dir, "warm_start.jsonl" if warm_start else "metrics.jsonl")
-    if test_data is not None and args.eval_every and start_step == 0:  # step 0: where training starts
-        record = {"step": 0, "test_accuracy": held_out_accuracy(args, run, model, processor, test_data, policy)}
-        if run.is_main:
-            append_jsonl(log, [record])
+    if test_data is not None and args.eval_every and start_step == 0:
+        held_out_accuracy(args, run, model, processor, test_data, policy, start_log=log)
     bar = tqdm(total=total, initial=start_step, desc="warm start" if warm_start else "sft",
                disable=not run.is_main, dynamic_ncols=True)
     for step in range(start_step, total):
