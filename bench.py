@@ -45,7 +45,7 @@ import torch
 from data import write_atomic
 from model import (Processor, PromptBatch, adapters, adapters_off, add_adapters, completion_logprobs,
                    pad_prompts, sample_groups, slice_prompts)
-from run import compute_context
+from run import HelpFormatter, compute_context
 from train_grpo import grpo_loss, timer
 
 # Qwen2-VL's real token ids (docs/method.md section 9) and vocabulary.
@@ -95,7 +95,7 @@ def build_models(preset: dict, layers, vision_layers, device, precision: str):
     # specials and unused ids, and the end token too: every completion runs to the forced length
     blocked = list(range(PAD, VOCAB))
     processor = Processor(tokenizer=_NoText(), image_processor=None, end_id=IM_END, pad_id=PAD,
-                            image_pad_id=IMAGE_PAD, blocked_ids=blocked, merge_size=2)
+                            image_pad_id=IMAGE_PAD, blocked_ids=blocked)
     return policy, reference, processor
 
 
@@ -147,18 +147,18 @@ def repeat_prompts(prompts: PromptBatch, G: int) -> PromptBatch:
     per_image = prompts.image_grid_thw.prod(1).tolist()
     pixels = torch.cat([p for p in prompts.pixel_values.split(per_image) for _ in range(G)])
     return PromptBatch(prompts.input_ids.repeat_interleave(G, 0),
-                         prompts.attention_mask.repeat_interleave(G, 0),
-                         prompts.position_ids.repeat_interleave(G, 1),
-                         prompts.mm_token_type_ids.repeat_interleave(G, 0), pixels,
-                         prompts.image_grid_thw.repeat_interleave(G, 0),
-                         prompts.next_position.repeat_interleave(G))
+                       prompts.attention_mask.repeat_interleave(G, 0),
+                       prompts.position_ids.repeat_interleave(G, 1), pixels,
+                       prompts.image_grid_thw.repeat_interleave(G, 0),
+                       prompts.next_position.repeat_interleave(G))
 
 
 def naive_rollout(model, processor, prompts: PromptBatch, G: int, length: int):
     repeated = repeat_prompts(prompts, G)
     out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
                          pixel_values=repeated.pixel_values, image_grid_thw=repeated.image_grid_thw,
-                         mm_token_type_ids=repeated.mm_token_type_ids, do_sample=True,
+                         mm_token_type_ids=(repeated.input_ids == model.config.image_token_id).long(),
+                         do_sample=True,
                          temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
                          suppress_tokens=processor.blocked_ids,
                          eos_token_id=processor.end_id, pad_token_id=processor.pad_id)
@@ -171,7 +171,7 @@ def naive_logprobs(model, prompts: PromptBatch, completion_ids, G: int):
     repeated = repeat_prompts(prompts, G)
     ids = torch.cat([repeated.input_ids, completion_ids], 1)  # (G, P + T)
     mask = torch.cat([repeated.attention_mask, torch.ones_like(completion_ids)], 1)
-    mm = torch.cat([repeated.mm_token_type_ids, torch.zeros_like(completion_ids)], 1)
+    mm = (ids == model.config.image_token_id).long()  # (G, P + T) 1 on image tokens
     logits = model(input_ids=ids, attention_mask=mask, pixel_values=repeated.pixel_values,
                    image_grid_thw=repeated.image_grid_thw, mm_token_type_ids=mm).logits  # (G, L, V)
     logits = logits[:, repeated.input_ids.shape[1] - 1:-1]  # positions predicting the completion
@@ -342,8 +342,7 @@ def median_phases(runs: list[Phases]) -> Phases:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model size and prompt shape")
     parser.add_argument("--configs", default=None,
                         help="comma-separated GxT (samples per prompt x forced completion tokens) "

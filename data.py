@@ -60,8 +60,7 @@ SPLIT_FILE_LAYOUT = {
     "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json"),
     "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
     "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
-    "demo": ("demo", "images", "split_demo.json"),
-}
+    "demo": ("demo", "images", "split_demo.json")}
 
 PROMPT_SUFFIX = {  # appended to the question, as the authors trained (docs/method.md section 3)
     "cls-rl": "\n Please output the thinking process in <think> </think> and final answer in "
@@ -75,8 +74,7 @@ PROMPT_SUFFIX = {  # appended to the question, as the authors trained (docs/meth
                 "<answer> </answer> tags. If no thinking or calculation is required, directly output "
                 "the final answer inside <answer> </answer> tags. Your output should follow one of "
                 "two cases: (1) '<answer> ... </answer>', (2) '<think> ... </think> <answer> ... "
-                "</answer>'.",
-}
+                "</answer>'."}
 
 # Questions with a candidate list, worded as in the authors' data notebook.
 QUESTIONS = dict.fromkeys(DATASETS + ("demo",), "What type of object is in the photo?")
@@ -154,8 +152,7 @@ def _read_split_file(root: str, dataset: str, split: str):
         if not isinstance(content.get(part, []), list):
             raise ValueError(f"{split_path}: {part!r} is {content[part]!r}, not a list; {expected}")
         for entry in content.get(part, []):
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)
-                    and isinstance(entry[0], str) and isinstance(entry[2], str)):
+            if not (isinstance(entry, list) and [type(value) for value in entry] == [str, int, str]):
                 raise ValueError(f"{split_path}: bad {part} item {entry!r}; {expected}")
             if names.setdefault(entry[1], entry[2]) != entry[2]:
                 raise ValueError(f"{split_path}: label {entry[1]} is called both "
@@ -250,8 +247,7 @@ def _fewshot_items(items: list, dataset: str, shots: int, seed: int, fewshot_fil
     for group in by_label.values():
         chosen += rng.sample(group, shots) if len(group) >= shots else group
     if fewshot_file is not None:
-        choice = dict(wanted, images=[path for path, _ in chosen])
-        write_atomic(fewshot_file, json.dumps(choice, indent=1))
+        write_atomic(fewshot_file, json.dumps(dict(wanted, images=[p for p, _ in chosen]), indent=1))
     return chosen
 
 
@@ -466,8 +462,7 @@ _OUTLINES = {
     "star": _regular(10, radii=(1.0, 0.4)),
     "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1),
               (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
-    "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)],
-}
+    "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)]}
 
 
 def _draw_demo_image(rng: random.Random, classname: str) -> Image.Image:

@@ -35,9 +35,9 @@ from rewards import extract_answer, is_correct, named_classes, think_text, think
 from data import (DATASETS, PROMPT_SUFFIX, SETTINGS, ClassificationData, ImageError, load_data,
                   load_image, make_question, read_json, write_atomic)
 from model import Processor, build_prompts, load_model, sample_groups
-from run import (Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags, compute_context,
-                 full_weights, join_job, leave_job, MAX_IMAGE_SIZE, one_line_errors, print0, read_jsonl,
-                 saved_state)
+from run import (HelpFormatter, Run, all_reduce, append_jsonl, barrier, changed_flags, check_flags,
+                 compute_context, full_weights, join_job, leave_job, MAX_IMAGE_SIZE, one_line_errors,
+                 print0, read_jsonl, saved_state)
 
 # evaluation prompt name -> the training method whose suffix it uses (cls-rl's thinks)
 PROMPTS = {"think": "cls-rl", **{method: method for method in PROMPT_SUFFIX if method != "cls-rl"}}
@@ -264,14 +264,6 @@ def read_summary(path: str, what: str) -> dict:
 def write_predictions(folder: str, records: dict[int, dict]):
     write_atomic(os.path.join(folder, "predictions.jsonl"),
                  "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help (a flag whose default depends on the checkpoint says it in words), and
-    the description's lines kept as written."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_eval_args(argv):

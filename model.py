@@ -26,7 +26,6 @@ is trained across processes (precision, DDP / FSDP, checkpoints) is run.py's.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,8 +50,7 @@ CHAT_TEMPLATE = (
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 # ----------------------------------------------------------------------------- processor
@@ -70,7 +68,6 @@ class Processor:
     pad_id: int          # fills padding; never attended to, never in a loss
     image_pad_id: int    # <|image_pad|>, expanded to one token per merged 2x2 patch
     blocked_ids: list[int]  # may never be sampled: every special token but the end, ids past the tokenizer
-    merge_size: int
 
     @classmethod
     def from_parts(cls, tokenizer, image_processor, vocab_size: int) -> "Processor":
@@ -79,7 +76,7 @@ class Processor:
         special = set(ids.values()) | set(tokenizer.all_special_ids)
         blocked = sorted(special - {ids[END_TOKEN]}) + list(range(len(tokenizer), vocab_size))
         return cls(tokenizer, image_processor, ids[END_TOKEN], ids["<|endoftext|>"],
-                   ids["<|image_pad|>"], blocked, image_processor.merge_size)
+                   ids["<|image_pad|>"], blocked)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -132,15 +129,6 @@ def tiny_config(tokenizer):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
-def _attn_implementation(device: torch.device):
-    """SDPA for the language model: the shared-prefix mask is a custom 4-D mask, which
-    FlashAttention-2 cannot take. The vision tower has no custom mask, so it uses
-    FlashAttention-2 when the package is installed on a GPU machine (untested here)."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return {"text_config": "sdpa", "vision_config": "flash_attention_2"}
-    return "sdpa"
-
-
 @contextmanager
 def no_transformers_bars():
     """Without transformers' own progress bars ("Loading weights", "Writing model shards"): a
@@ -157,12 +145,15 @@ def no_transformers_bars():
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Return (model, processor) for `tiny`, a hub id or a local directory.
 
-    bf16 on GPU, fp32 on CPU unless `dtype` says otherwise. The model is in eval mode.
+    bf16 on GPU, fp32 on CPU unless `dtype` says otherwise. The model is in eval mode. Attention
+    is SDPA throughout: the shared-prefix scoring mask is a custom 4-D mask, which
+    FlashAttention-2 cannot take, and SDPA picks its own flash kernel where there is no mask
+    (the vision tower's).
     >>> model, processor = load_model("tiny")
     >>> type(model).__name__, model.dtype
     ('Qwen2VLForConditionalGeneration', torch.float32)
     """
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     device = torch.device(device)
@@ -171,31 +162,27 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         from transformers import Qwen2VLForConditionalGeneration
 
         tokenizer = build_tiny_tokenizer()
-        config = tiny_config(tokenizer)
-        config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             # weights in `dtype`, rotary buffers in fp32, as from_pretrained(dtype=...) gives
-            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).to(device)
+            model = Qwen2VLForConditionalGeneration._from_config(
+                tiny_config(tokenizer), dtype=dtype, attn_implementation="sdpa").to(device)
         image_processor = Qwen2VLImageProcessorPil()
     else:
         name = os.path.expanduser(name)
-        if not os.path.exists(name) and (name.startswith(("/", ".")) or name.count("/") > 1):
-            raise FileNotFoundError(f"--model {name}: no such directory; expected a local Hugging "
-                                    "Face model directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
-        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-            raise FileNotFoundError(f"--model {name}: no config.json there; expected a Hugging Face "
-                                    "model directory (config.json, weights, tokenizer) or a hub id")
+        if not os.path.isfile(os.path.join(name, "config.json")) and (
+                os.path.isdir(name) or name.startswith(("/", ".")) or name.count("/") > 1):  # a path
+            raise FileNotFoundError(f"--model {name}: no such directory, or no config.json there; "
+                                    "expected a Hugging Face model directory (config.json, weights, "
+                                    "tokenizer) or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
         try:
             with no_transformers_bars():
                 model = AutoModelForImageTextToText.from_pretrained(
-                    name, dtype=dtype, attn_implementation=_attn_implementation(device)).to(device)
+                    name, dtype=dtype, attn_implementation="sdpa").to(device)
             tokenizer = AutoTokenizer.from_pretrained(name)
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(name)
-            except ImportError:  # transformers 5.17 without torchvision has no PIL fallback;
-                # Qwen2-VL and Qwen2.5-VL share this image processor
-                image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+            # the PIL one (Qwen2-VL's and Qwen2.5-VL's), as the authors' transformers used, with
+            # or without torchvision: the same pixels on every machine
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
         except (OSError, ValueError, SafetensorError) as error:
             hub = "" if os.path.isdir(name) else " (a hub id needs network access or a cached copy)"
             raise OSError(f"--model {name}: could not load a Qwen2-VL / Qwen2.5-VL model from it"
@@ -228,7 +215,6 @@ class PromptBatch:
     input_ids: torch.Tensor        # (B, P)
     attention_mask: torch.Tensor   # (B, P) 1 on real tokens
     position_ids: torch.Tensor     # (3, B, P) mRoPE (temporal, height, width)
-    mm_token_type_ids: torch.Tensor  # (B, P) 1 on image tokens (what transformers 5 wants)
     pixel_values: torch.Tensor     # (patches, 1176) all images' patches, flattened
     image_grid_thw: torch.Tensor   # (B, 3)
     next_position: torch.Tensor    # (B,) position of the first completion token
@@ -261,13 +247,6 @@ def mrope_positions(input_ids: list[int], image_pad_id: int, grids: list[list[in
     return positions, int(positions.max()) + 1
 
 
-def chat_ids(processor: Processor, text: str) -> list[int]:
-    """Token ids of one user turn (image then text) plus the assistant header, image not expanded."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    chat = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
-
-
 def build_prompts(processor: Processor, images: list, texts: list[str], device="cpu") -> PromptBatch:
     """Tokenize B (image, user text) pairs with the chat template and left-pad them into a batch.
 
@@ -275,20 +254,22 @@ def build_prompts(processor: Processor, images: list, texts: list[str], device="
     after the processor's resize to multiples of 28: 14x14 merged patches = 196 tokens).
     Prompts are never truncated.
     """
-    if len(images) != len(texts):
-        raise ValueError(f"build_prompts: {len(images)} images but {len(texts)} texts")
     vision = processor.image_processor(images=images, return_tensors="pt")
     grids = vision["image_grid_thw"]  # (B, 3)
     rows = []
     for text, grid in zip(texts, grids.tolist()):
-        ids = chat_ids(processor, text)
+        # one user turn (image then text) and the assistant header, the image not yet expanded
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        chat = processor.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+        ids = processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
         if ids.count(processor.image_pad_id) != 1:
             raise ValueError("the chat template must place exactly one <|image_pad|> per prompt")
         at = ids.index(processor.image_pad_id)
-        n_image = grid[0] * grid[1] * grid[2] // processor.merge_size ** 2
+        n_image = grid[0] * grid[1] * grid[2] // processor.image_processor.merge_size ** 2
         rows.append(ids[:at] + [processor.image_pad_id] * n_image + ids[at + 1:])
     return pad_prompts(rows, grids, vision["pixel_values"], processor.pad_id, processor.image_pad_id,
-                       processor.merge_size, device)
+                       processor.image_processor.merge_size, device)
 
 
 def pad_prompts(rows: list[list[int]], grids: torch.Tensor, pixel_values: torch.Tensor, pad_id: int,
@@ -305,7 +286,6 @@ def pad_prompts(rows: list[list[int]], grids: torch.Tensor, pixel_values: torch.
         next_position.append(nxt)
     return PromptBatch(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                        position_ids=position_ids.to(device),
-                       mm_token_type_ids=(input_ids == image_pad_id).long().to(device),
                        pixel_values=pixel_values.to(device), image_grid_thw=grids.to(device),
                        next_position=torch.tensor(next_position, device=device))
 
@@ -320,7 +300,7 @@ def slice_prompts(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
     def cut(tokens: torch.Tensor) -> torch.Tensor:  # (..., B, P) -> (..., end - start, keep)
         return tokens[..., start:end, -keep:]
     return PromptBatch(cut(prompts.input_ids), cut(prompts.attention_mask), cut(prompts.position_ids),
-                       cut(prompts.mm_token_type_ids), prompts.pixel_values[first:last],
+                       prompts.pixel_values[first:last],
                        prompts.image_grid_thw[start:end], prompts.next_position[start:end])
 
 
@@ -355,13 +335,6 @@ def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniform
     return (index if order is None else order.gather(-1, index)).squeeze(-1)  # (N,)
 
 
-def _row_uniforms(seeds, group_size: int, steps: int, device) -> torch.Tensor:
-    """(B*G, steps) uniforms in (0, 1]: row b*G + g draws from a generator seeded with seeds[b]."""
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    rows = [1.0 - torch.rand(group_size, steps, generator=g, dtype=torch.float64) for g in generators]
-    return torch.cat(rows).float().to(device)
-
-
 @torch.no_grad()
 def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size: int = 1,
                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
@@ -381,7 +354,10 @@ def sample_groups(model, processor: Processor, prompts: PromptBatch, group_size:
     device = prompts.input_ids.device
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
-    uniforms = _row_uniforms(seeds, G, max_new_tokens, device)  # (BG, T)
+    # (BG, T) uniforms in (0, 1]: rows b*G .. b*G + G-1 draw from a generator seeded with seeds[b]
+    uniforms = torch.cat([1.0 - torch.rand(G, max_new_tokens, dtype=torch.float64,
+                                           generator=torch.Generator().manual_seed(int(seed)))
+                          for seed in seeds]).float().to(device)
     blocked = torch.tensor(processor.blocked_ids, device=device, dtype=torch.long)
 
     cache = StaticCache(model.config, BUCKET * -(-(P + max_new_tokens) // BUCKET)) if compile else \
@@ -630,9 +606,9 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        if not self.enabled:
-            return out
-        return out + (x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T * self.scale
+        if self.enabled:
+            out = out + (x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T * self.scale
+        return out
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator):

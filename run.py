@@ -161,6 +161,14 @@ def check_flags(args, at_least: dict | None = None, above: dict | None = None,
                 raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {words} {bound}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help (a flag whose default is None says in words what it depends on), and
+    the description's lines kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def changed_flags(saved: dict, args, names) -> list[str]:
     """'--flag was A, now B' for each of `names` whose value in `args` is not the `saved` one."""
     return [f"--{name.replace('_', '-')} was {saved.get(name, 'not set')!r}, now {getattr(args, name)!r}"
@@ -198,12 +206,6 @@ def release_stop_signals():
     for signum, handler in _SIGNAL["handlers"].items():
         signal.signal(signum, signal.SIG_IGN if handler == signal.SIG_DFL else handler)
     _SIGNAL["handlers"].clear()
-
-
-def stop_signal(run: Run) -> int:
-    """The signal any rank received (0 if none), agreed by all ranks: one rank's preemption
-    stops the whole job at the same step."""
-    return int(all_reduce(run, {"signal": _SIGNAL["number"]}, op=dist.ReduceOp.MAX)["signal"])
 
 
 # ----------------------------------------------------------------------------- precision, wrapping, the optimizer step
@@ -387,8 +389,10 @@ def save_checkpoint(path: str, run: Run, model, processor, optimizer, state: dic
     error = None  # this rank's failed write: it still takes part in the all_reduce below
     try:
         if sharded(model):  # first: a write that fails on any rank raises on every rank
-            dcp.save(sharded_state(model, [optimizer] if optimizer.state else []),
-                     checkpoint_id=os.path.join(tmp, "sharded"))
+            # (an optimizer that has not stepped is left out: torch's helper would first give it
+            # a state by a zero step, and the first real update would count as its second)
+            shards = get_state_dict(model, [optimizer] if optimizer.state else [])  # this rank's
+            dcp.save(dict(zip(("model", "optimizer"), shards)), checkpoint_id=f"{tmp}/sharded")
         os.makedirs(tmp, exist_ok=True)
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                    **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}))
@@ -432,7 +436,7 @@ def load_checkpoint(path: str, run: Run, model, optimizer) -> dict:
                        weights_only=False)
     if sharded(model):
         optimizers = [optimizer] if state.pop("sharded_optimizer") else []
-        shards = sharded_state(model, optimizers)
+        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizers)))  # this rank's
         dcp.load(shards, checkpoint_id=os.path.join(path, "sharded"))  # into this rank's shards
         set_state_dict(model, optimizers, model_state_dict=shards["model"],
                        optim_state_dict=shards["optimizer"])
@@ -474,14 +478,6 @@ def full_state_dict(model) -> dict:
     return full
 
 
-def sharded_state(model, optimizers: list) -> dict:
-    """This rank's shards of the weights and of the `optimizers`' AdamW state ({} for none),
-    keyed by parameter name. An optimizer that has not stepped yet is left out: torch's helper
-    would first give it a state (by a zero step), and the first real update would then count as
-    its second."""
-    return dict(zip(("model", "optimizer"), get_state_dict(model, optimizers)))
-
-
 # ----------------------------------------------------------------------------- the run
 
 def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
@@ -489,8 +485,7 @@ def training_parser(doc: str, lr: float, epochs_help: str, max_new_tokens: int,
     """The command line of a training script (its docstring `doc`) with the flags that mean the
     same thing in train_sft.py and train_grpo.py (`epochs` None: the script sets the default
     after parsing); train_grpo.py adds its own."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=HelpFormatter)
     a = parser.add_argument
     a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id, local folder, or 'tiny' (offline)")
     a("--dataset", default="demo", choices=list(DATASETS) + ["demo"], help="training dataset")
@@ -534,7 +529,7 @@ def start_run(args, script: str):
     """Everything before training: check the flags, join the job, check the output folder and
     what --resume continues, write args.json and catch stop signals; then load the data and the
     model: from the checkpoint when resuming, in fp32 (the master weights); under --lora-rank
-    the base model the run started from (start_weights), frozen in the compute dtype, with fp32
+    the base model the run started from, frozen in the compute dtype, with fp32
     adapters (a resume restores them from the checkpoint). Returns (run, checkpoint to resume
     from or None, training data, test data, model, processor)."""
     check_flags(args, above=dict(lr=0, epochs=0, max_grad_norm=0, dist_timeout=0), at_least=dict(
@@ -560,20 +555,16 @@ def start_run(args, script: str):
             print0(run, f"--resume latest: no checkpoint in {args.output_dir} yet; starting the run")
         catch_stop_signals()
         train_data, test_data = load_train_test(args)
-        source = start_weights(args, checkpoint) if args.lora_rank else checkpoint or args.model
+        source = checkpoint or args.model
+        if args.lora_rank:  # the base the run started from: --model, or the result of its warm start
+            warmed = checkpoint and getattr(args, "warm_start_steps", 0) and \
+                not saved_state(checkpoint)["warm_start"]  # a GRPO checkpoint after a warm start
+            source = os.path.join(os.path.dirname(checkpoint), "warm_start") if warmed else args.model
         dtype = torch.bfloat16 if args.lora_rank and args.precision == "bf16" else torch.float32
         model, processor = load_model(source, run.device, dtype=dtype)
     if args.lora_rank:
         add_adapters(model, args.lora_rank, args.lora_alpha, args.seed)
     return run, checkpoint, train_data, test_data, model, processor
-
-
-def start_weights(args, checkpoint: str | None) -> str:
-    """The model a run's training started from: --model, or for a GRPO run resumed after its
-    warm start, the warm-started model saved beside its checkpoints (<run>/warm_start)."""
-    if checkpoint and getattr(args, "warm_start_steps", 0) and not saved_state(checkpoint)["warm_start"]:
-        return os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "warm_start")
-    return args.model
 
 
 # What a demo run writes into its folder (and the .tmp leftovers of each): all a fresh demo deletes.
@@ -640,9 +631,7 @@ def prepare_output_dir(args, run: Run, checkpoint: str | None):
                 shutil.rmtree(path)
             else:
                 os.remove(path)
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"--output-dir {folder} is not writable")
+        os.makedirs(folder, exist_ok=True)  # (one that cannot be written: write_atomic names the file)
         # the last step each log keeps: a warm start's checkpoint comes before any GRPO step
         for name, step in (("warm_start.jsonl", state["step"] if state["warm_start"] else math.inf),
                            ("metrics.jsonl", 0 if state["warm_start"] else state["step"])):
@@ -730,7 +719,8 @@ def save_or_stop(args, run: Run, step: int, total: int, model, processor, optimi
     SIGINT; then every rank exits together, non-zero, so a scheduler sees the job did not
     finish (and no `final` link points at the unfinished run). A warm start's checkpoints are
     warm_start-N, the run's checkpoint-N."""
-    signum = stop_signal(run)
+    # the signal any rank received (0: none): one rank's preemption stops every rank at this step
+    signum = int(all_reduce(run, {"signal": _SIGNAL["number"]}, op=dist.ReduceOp.MAX)["signal"])
     prefix = "warm_start-" if warm_start else "checkpoint-"
     if signum or (step == total and not warm_start) or (args.save_every and step % args.save_every == 0):
         path = os.path.join(args.output_dir, f"{prefix}{step:06d}")

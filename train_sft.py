@@ -87,10 +87,9 @@ def fit(args, run: Run, model, processor, train_data, policy, optimizer, start_s
                 (loss / (B * A)).backward()
             loss_sum += loss.detach()
             tokens += int(target_mask.sum())
-        if warm_start:
-            lr = args.warm_start_lr
-        else:  # linear decay to 0 (the authors'), or constant
-            lr = args.lr * (1 - step / total) if args.lr_schedule == "linear" else args.lr
+        # linear decay to 0 (the authors'), or constant; a warm start's is constant
+        lr = args.lr * (1 - step / total) if args.lr_schedule == "linear" else args.lr
+        lr = args.warm_start_lr if warm_start else lr
         grad_norm, skipped = optimizer_step(model, optimizer, lr, args.max_grad_norm)
         totals = all_reduce(run, {"loss": loss_sum, "prompts": len(batch.texts),
                                   "unreadable_images": batch.unreadable, "answer_tokens": tokens})

@@ -47,7 +47,8 @@ def test_greedy_equals_the_eager_loop_and_generate(tiny, batch):
     reference = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=batch.mm_token_type_ids, do_sample=False, max_new_tokens=NEW_TOKENS,
+        mm_token_type_ids=(batch.input_ids == processor.image_pad_id).long(),
+        do_sample=False, max_new_tokens=NEW_TOKENS,
         suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
         pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
     assert torch.equal(compiled.completion_ids, eager.completion_ids)

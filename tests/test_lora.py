@@ -30,12 +30,12 @@ def test_adapters_start_as_the_base_model_and_only_they_train(any_tiny):
     with torch.no_grad():
         before = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                        pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                       mm_token_type_ids=prompts.mm_token_type_ids).logits
+                       mm_token_type_ids=(prompts.input_ids == processor.image_pad_id).long()).logits
     M.add_adapters(model, rank=4, alpha=8, seed=0)
     with torch.no_grad():
         after = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                       pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                      mm_token_type_ids=prompts.mm_token_type_ids).logits
+                      mm_token_type_ids=(prompts.input_ids == processor.image_pad_id).long()).logits
     assert torch.equal(before, after)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     layers = model.config.text_config.num_hidden_layers

@@ -26,9 +26,10 @@ def test_positions_equal_transformers_rope_index(any_tiny, images, texts):
     model, processor = any_tiny
     batch = M.build_prompts(processor, images, texts)
     assert batch.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 6], [1, 6, 6]]
-    assert batch.mm_token_type_ids.sum(1).tolist() == [4, 6, 9]
+    image_tokens = (batch.input_ids == processor.image_pad_id).long()  # (B, P)
+    assert image_tokens.sum(1).tolist() == [4, 6, 9]
     reference, deltas = model.model.get_rope_index(
-        batch.input_ids, batch.mm_token_type_ids, batch.image_grid_thw,
+        batch.input_ids, image_tokens, batch.image_grid_thw,
         attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
     assert torch.equal(batch.position_ids[:, real], reference[:, real])
@@ -42,7 +43,8 @@ def test_greedy_equals_transformers_generate(any_tiny, images, texts):
     reference = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=batch.mm_token_type_ids, do_sample=False, max_new_tokens=12,
+        mm_token_type_ids=(batch.input_ids == processor.image_pad_id).long(),
+        do_sample=False, max_new_tokens=12,
         suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
         pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
     T = ours.completion_ids.shape[1]
@@ -184,7 +186,8 @@ def test_blocking_the_end_token_forces_the_length_as_generate_does(tiny, images,
     reference = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=batch.mm_token_type_ids, do_sample=False, max_new_tokens=10,
+        mm_token_type_ids=(batch.input_ids == processor.image_pad_id).long(),
+        do_sample=False, max_new_tokens=10,
         min_new_tokens=10, suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
         pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
     assert torch.equal(ours.completion_ids, reference)

@@ -10,7 +10,7 @@ import pytest
 
 import rewards
 from rewards import (
-    METHOD_REWARDS, METHODS, accuracy_reward, adaptive_format_reward, equality_reward,
+    METHOD_REWARDS, accuracy_reward, adaptive_format_reward, equality_reward,
     extract_answer, format_reward, is_correct, named_classes, reward_components,
     think_after_answer_format_reward, thinks, total_reward,
 )
@@ -266,7 +266,7 @@ EXPECTED_TABLE = {
 
 
 def test_method_table_pairs_methods_with_rules():
-    assert METHODS == ("cls-rl", "no-think", "think-after-answer", "adaptive")
+    assert tuple(METHOD_REWARDS) == ("cls-rl", "no-think", "think-after-answer", "adaptive")
     for method, rules in METHOD_REWARDS.items():
         assert {r.name: (r.fn, r.weight) for r in rules} == EXPECTED_TABLE[method], method
         assert len({r.name for r in rules}) == len(rules), method
@@ -310,7 +310,7 @@ def test_unknown_method_lists_valid_methods():
 
 
 def test_total_reward_names_missing_component():
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(KeyError, match="format"):
         total_reward("cls-rl", {"accuracy": 1.0})
 
 
