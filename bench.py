@@ -489,11 +489,15 @@ def lora_step(args, preset, state, processor, prompts, device, precision, full: 
     grpo_step("ours", model, model, processor, optimizer, prompts, 2, 4, device, precision)  # warm-up
     lora = median_phases([grpo_step("ours", model, model, processor, optimizer, prompts, G, length,
                                     device, precision) for _ in range(args.repeats or preset["repeats"])])
-    result = {"full": dict(total_s=full["ours"]["total_s"], peak_gb=full["ours"]["peak_gb"]),
-              "lora": dict(total_s=lora.total / prompts.input_ids.shape[0], peak_gb=lora.peak_gb)}
-    print(f"\nours, full vs LoRA r={args.lora_rank}, {full['config']}: " + ", ".join(
-          f"{k} {v['total_s']:.3f} s per group, peak {v['peak_gb']:.2f} GB" for k, v in result.items())
-          + f"; LoRA / full time {result['lora']['total_s'] / result['full']['total_s']:.2f}x")
+    phases = ("rollout", "reference", "policy", "optimizer", "total")
+    result = {"full": {f"{k}_s": full["ours"][f"{k}_s"] for k in phases} | {"peak_gb": full["ours"]["peak_gb"]},
+              "lora": {f"{k}_s": getattr(lora, k) / prompts.input_ids.shape[0] for k in phases}
+              | {"peak_gb": lora.peak_gb}}
+    print(f"\nours, full vs LoRA r={args.lora_rank}, {full['config']}, seconds per group:")
+    for name, row in result.items():
+        print(f"{'':<16}{name:<7}" + "".join(f"{row[f'{k}_s']:>9.3f}" for k in phases)
+              + f"  peak {row['peak_gb']:.2f} GB")
+    print(f"{'':<16}LoRA / full time {result['lora']['total_s'] / result['full']['total_s']:.2f}x")
     return dict(preset=args.preset, config=f"full vs LoRA r={args.lora_rank} {full['config']}", **result)
 
 
