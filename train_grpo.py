@@ -1,6 +1,6 @@
 """GRPO from scratch: CLS-RL, No-Thinking-CLS-RL, Think-After-Answer and Adaptive-Thinking.
 
-    python train_grpo.py                       # offline demo: tiny model, demo shapes, CPU, ~20 s
+    python train_grpo.py                       # offline demo: tiny model, demo shapes, CPU, ~30 s
     python train_grpo.py --demo --max-steps 20 # the demo with any of its settings changed
     python train_grpo.py --model Qwen/Qwen2-VL-2B-Instruct --dataset oxford_pets --data-root ~/data
     torchrun --nproc_per_node 8 train_grpo.py --dataset imagenet --data-root ~/data --method no-think
