@@ -100,6 +100,18 @@ def make_image(seed: int, size=(56, 56)) -> Image.Image:
     return image
 
 
+def hf_greedy(model, processor, prompts, max_new_tokens: int, **extra):
+    """The independent reference for greedy decoding: transformers' own `generate` on the same
+    prompts, blocking what we block and stopping where we stop; its new tokens only."""
+    return model.generate(
+        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+        pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+        mm_token_type_ids=(prompts.input_ids == processor.image_pad_id).long(),
+        do_sample=False, max_new_tokens=max_new_tokens, suppress_tokens=processor.blocked_ids,
+        eos_token_id=processor.end_id, pad_token_id=processor.pad_id, **extra,
+    )[:, prompts.input_ids.shape[1]:]
+
+
 def never_ending(processor):
     """The processor with its end token blocked too: every completion runs to max_new_tokens."""
     return dataclasses.replace(processor, blocked_ids=processor.blocked_ids + [processor.end_id])

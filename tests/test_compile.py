@@ -17,7 +17,7 @@ import evaluate as E
 import model as M
 import run as R
 import train_grpo as T
-from conftest import make_image
+from conftest import hf_greedy, make_image
 from helpers import FAST, max_difference, metrics, weights
 
 IMAGES = [make_image(0), make_image(1, (84, 56)), make_image(2, (84, 84))]
@@ -44,13 +44,7 @@ def test_greedy_equals_the_eager_loop_and_generate(tiny, batch):
     compiled = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, temperature=0, compile=True)
     assert compiled_graphs() - before <= 1  # the whole decode step is one graph (0: compiled earlier)
     eager = M.sample_groups(model, processor, batch, 1, NEW_TOKENS, temperature=0)
-    reference = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=(batch.input_ids == processor.image_pad_id).long(),
-        do_sample=False, max_new_tokens=NEW_TOKENS,
-        suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
-        pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
+    reference = hf_greedy(model, processor, batch, NEW_TOKENS)
     assert torch.equal(compiled.completion_ids, eager.completion_ids)
     assert torch.equal(compiled.completion_mask, eager.completion_mask) and compiled.texts == eager.texts
     assert torch.equal(compiled.completion_ids, reference)

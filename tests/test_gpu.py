@@ -24,7 +24,7 @@ import bench
 import model as M
 import run as R
 import train_grpo as T
-from conftest import never_ending, training_args
+from conftest import hf_greedy, never_ending, training_args
 from helpers import ROOT, env, max_difference, metrics
 
 ON_CPU = os.environ.get("CLS_RL_GPU_CHECK") == "cpu"
@@ -120,13 +120,7 @@ def test_sampling_equals_generate_and_the_compiled_decode_the_eager_loop(real):
     model, processor = real
     prompts, _ = prompts_and_completions(processor)
     greedy = M.sample_groups(model, processor, prompts, 1, 16, temperature=0)
-    reference = model.generate(
-        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-        pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-        mm_token_type_ids=(prompts.input_ids == processor.image_pad_id).long(),
-        do_sample=False, max_new_tokens=16,
-        suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
-        pad_token_id=processor.pad_id)[:, prompts.input_ids.shape[1]:]
+    reference = hf_greedy(model, processor, prompts, 16)
     assert torch.equal(greedy.completion_ids, reference[:, :greedy.completion_ids.shape[1]])
     sampled = M.sample_groups(model, processor, prompts, 4, 16, 0.05, seeds=[1, 2])
     alone = M.sample_groups(model, processor, M.slice_prompts(prompts, 1, 2), 4, 16, 0.05, seeds=[2])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import make_image, never_ending
+from conftest import hf_greedy, make_image, never_ending
 
 
 def test_doctests():
@@ -40,13 +40,7 @@ def test_greedy_equals_transformers_generate(any_tiny, images, texts):
     model, processor = any_tiny
     batch = M.build_prompts(processor, images, texts)
     ours = M.sample_groups(model, processor, batch, group_size=1, max_new_tokens=12, temperature=0)
-    reference = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=(batch.input_ids == processor.image_pad_id).long(),
-        do_sample=False, max_new_tokens=12,
-        suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
-        pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
+    reference = hf_greedy(model, processor, batch, 12)
     T = ours.completion_ids.shape[1]
     assert torch.equal(ours.completion_ids, reference[:, :T])
     assert (reference[:, T:] == processor.pad_id).all()  # generate only padded past our length
@@ -183,13 +177,7 @@ def test_blocking_the_end_token_forces_the_length_as_generate_does(tiny, images,
     model, processor = tiny
     batch = M.build_prompts(processor, images, texts)
     ours = M.sample_groups(model, never_ending(processor), batch, 1, 10, temperature=0)
-    reference = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=(batch.input_ids == processor.image_pad_id).long(),
-        do_sample=False, max_new_tokens=10,
-        min_new_tokens=10, suppress_tokens=processor.blocked_ids, eos_token_id=processor.end_id,
-        pad_token_id=processor.pad_id)[:, batch.input_ids.shape[1]:]
+    reference = hf_greedy(model, processor, batch, 10, min_new_tokens=10)
     assert torch.equal(ours.completion_ids, reference)
     assert ours.completion_mask.all()  # no row may stop early
 
